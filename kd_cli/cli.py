@@ -1,0 +1,141 @@
+"""`kd <stage> [key=value ...]`: argv[1] picks the stage, the rest goes to Hydra."""
+import logging
+import sys
+
+from .errors import KDError
+
+CONFIG_MODULE = "kd_cli.conf"
+
+# stage -> (primary config name, one line for `kd --help`)
+STAGES = {
+    "train-teacher": ("train_teacher", "train the 784-1200-1200-10 teacher (dropout, max-norm, jitter)"),
+    "train-student": ("train_student", "train the 784-800-800-10 student on hard labels (the baseline)"),
+    "distill": ("distill", "train the student on the teacher's soft targets at temperature T"),
+    "evaluate": ("evaluate", "count a checkpoint's test errors: total, per class, confusion matrix"),
+}
+
+USAGE = """usage: kd <stage> [key=value ...] [-m] [--help] [--cfg job]
+
+Knowledge distillation experiments (Hinton, Vinyals & Dean 2015) on MNIST.
+
+stages:
+{stages}
+
+Each run writes checkpoint.pt, metrics.json and .hydra/ under outputs/<stage>/<timestamp>/ and
+ends by printing its test errors. `kd <stage> --help` lists that stage's keys;
+`kd <stage> -m key=a,b` sweeps. Data: set KD_DATA_ROOT to the folder that holds MNIST/raw.
+"""
+
+# Hydra flags that only print or inspect: no run, so no value checks before them
+INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--shell-completion", "-sc")
+
+_failures = []  # user errors of multirun jobs, reported once the sweep ends
+
+
+def _fail(message):
+    print(f"kd: error: {message}", file=sys.stderr)
+
+
+def _first_values(overrides):
+    """The overrides with each sweep (a,b,c) cut to its first value; and each swept key's values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single, sweeps = [], {}
+    for o in parsed:
+        if o.is_sweep_override():
+            values = list(o.sweep_iterator())
+            sweeps[o.key_or_group] = values
+            single.append(f"{o.get_key_element()}={list(o.sweep_string_iterator())[0]}")
+        else:
+            single.append(o.input_line)
+    return single, sweeps
+
+
+def _composition_message(stage, e):
+    text = " ".join(str(e).split())
+    cause = " ".join(str(e.__cause__).split()) if e.__cause__ else ""
+    for msg in (text, cause):
+        if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
+            key = msg.split("'")[1] if "'" in msg else msg
+            return f"unknown key '{key}' for kd {stage}; `kd {stage} --cfg job` lists the keys"
+    return text.split(" full_key:")[0]
+
+
+def check_overrides(stage, config_name, overrides):
+    """Compose the stage's config once before Hydra runs it, so a typo'd key or a bad value ends
+    in one line with no run folder made; every value of a sweep is checked too."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf, open_dict
+
+    from .stages import validate
+
+    try:
+        single, sweeps = _first_values([o for o in overrides if o != "-m" and o != "--multirun"])
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name, overrides=single)
+    except Exception as e:  # Hydra's composition and parse errors have no common base
+        raise KDError(_composition_message(stage, e)) from None
+    validate(stage, cfg)
+    for key, values in sweeps.items():
+        if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
+            continue  # a config group (model=a,b) or Hydra's own key: composition checked it
+        for v in values:
+            trial = cfg.copy()
+            with open_dict(trial):
+                OmegaConf.update(trial, key, v, merge=False)
+            validate(stage, trial)
+
+
+def _task(stage):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from . import stages
+
+    def run(cfg):
+        hc = HydraConfig.get()
+        try:
+            metrics = stages.STAGES[stage](cfg, hc.runtime.output_dir)
+        except KDError as e:
+            if hc.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
+                logging.getLogger("kd").error("job %s failed: %s", hc.job.num, e)
+                _failures.append(f"job {hc.job.num} ({hc.job.override_dirname}): {e}")
+                return None
+            _fail(str(e))
+            sys.exit(2)
+        print(f"test errors: {metrics['test_errors']} / {metrics['test_total']}", flush=True)
+        return metrics
+
+    return run
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(stages="\n".join(f"  {s:<14} {d}" for s, (_, d) in STAGES.items())))
+        return 0
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        _fail(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (kd --help)")
+        return 2
+    config_name = STAGES[stage][0]
+    if not any(a.split("=")[0] in INSPECT_FLAGS for a in overrides):
+        try:
+            check_overrides(stage, config_name, overrides)
+        except KDError as e:
+            _fail(str(e))
+            return 2
+
+    import hydra
+
+    sys.argv = [f"kd {stage}", *overrides]
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
+    if _failures:
+        _fail(f"{len(_failures)} job(s) of the sweep failed:\n  " + "\n  ".join(_failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

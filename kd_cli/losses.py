@@ -1,0 +1,33 @@
+"""The distillation loss of Hinton, Vinyals & Dean (2015), written with log_softmax.
+
+Names follow the paper: z student logits, v teacher logits, q = softmax(z/T) the student's
+tempered distribution, p = softmax(v/T) the teacher's (the soft targets).
+"""
+import torch.nn.functional as F
+
+
+def soft_targets(teacher_logits, T):
+    """log p = log_softmax(v / T). Kept as log-probabilities: exact where p underflows to 0."""
+    return F.log_softmax(teacher_logits / T, dim=1)
+
+
+def soft_loss(student_logits, log_p, T):
+    """KL(p || q), mean over the batch (the 'batchmean' of KLDivLoss, not a mean over classes).
+    It equals CE(p, q) minus p's entropy, a constant, so its gradient is the paper's
+    dC/dz_i = (q_i - p_i) / T; unlike CE it reaches 0 when the student matches the teacher."""
+    log_q = F.log_softmax(student_logits / T, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def distillation_loss(student_logits, labels, log_p, T, alpha):
+    """alpha * CE(softmax(z), y) + (1 - alpha) * T^2 * KL(p || softmax(z/T)).
+
+    T^2 keeps the soft gradients' scale independent of T. alpha=1 is plain supervised training;
+    with alpha=0 the labels are never read (an unlabeled transfer set).
+    """
+    loss = 0.0
+    if alpha < 1:
+        loss = (1 - alpha) * T * T * soft_loss(student_logits, log_p, T)
+    if alpha > 0:
+        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+    return loss

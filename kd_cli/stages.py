@@ -1,0 +1,195 @@
+"""One function per stage: (cfg, out_dir) -> metrics. Reads the config, calls plain functions."""
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from .checkpoint import load_checkpoint, save_checkpoint, save_json
+from .data import load_mnist
+from .errors import KDError
+from .evaluate import count_errors, predict_logits
+from .losses import distillation_loss, soft_targets
+from .models import MLP, build_mlp
+from .teachers import load_teacher, resolve_teacher, teacher_logits
+from .train import SCHEDULES, Recipe, train
+
+TRAINING_STAGES = ("train-teacher", "train-student", "distill")
+
+
+# ---- checking the values a user typed, before any work ------------------------------------------
+
+def _number(cfg, key, ok, need, kind=float):
+    value = OmegaConf.select(cfg, key)
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        number = kind(value)
+        if kind is int and number != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise KDError(f"{key} must be {need}, got {value!r}") from None
+    if not ok(number):
+        raise KDError(f"{key} must be {need}, got {value!r}")
+    return number
+
+
+def validate(stage, cfg):
+    """Raise KDError naming the key and the fix for any value the stage cannot run with."""
+    _number(cfg, "seed", lambda v: True, "an integer", int)
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise KDError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise KDError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if stage == "evaluate" and OmegaConf.is_missing(cfg, "checkpoint"):
+        raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
+    if stage not in TRAINING_STAGES:
+        return
+    hidden = cfg.model.hidden
+    if not OmegaConf.is_list(hidden) or not all(isinstance(h, int) and h >= 1 for h in hidden):
+        raise KDError(f"model.hidden must be a list of layer widths, e.g. model.hidden=[800,800], got {hidden!r}")
+    for key in ("model.dropout_input", "model.dropout_hidden"):
+        _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if cfg.model.max_norm is not None:
+        _number(cfg, "model.max_norm", lambda v: v > 0, "null or a number > 0")
+    _number(cfg, "epochs", lambda v: v >= 1, "an integer >= 1", int)
+    _number(cfg, "batch_size", lambda v: v >= 1, "an integer >= 1", int)
+    _number(cfg, "lr", lambda v: v > 0, "a number > 0")
+    _number(cfg, "data.jitter", lambda v: 0 <= v <= 13, "an integer number of pixels in 0..13", int)
+    if cfg.data.train_limit is not None:
+        _number(cfg, "data.train_limit", lambda v: v >= 1, "null or an integer >= 1", int)
+    if cfg.optim.schedule not in SCHEDULES:
+        raise KDError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    for key in ("optim.momentum", "optim.momentum_start"):
+        _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    if stage == "distill":
+        _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
+        _number(cfg, "alpha", lambda v: 0 <= v <= 1,
+                "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
+
+
+# ---- shared pieces -------------------------------------------------------------------------------
+
+def _device(cfg):
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _setup(stage, cfg):
+    validate(stage, cfg)
+    device = _device(cfg)
+    torch.manual_seed(int(cfg.seed))
+    limit = cfg.data.get("train_limit")
+    data = load_mnist(cfg.data.root, cfg.data.download, device, None if limit is None else int(limit))
+    return device, data
+
+
+def _recipe(cfg):
+    o = cfg.optim
+    return Recipe(epochs=int(cfg.epochs), batch_size=int(cfg.batch_size), lr=float(cfg.lr),
+                  momentum=float(o.momentum), momentum_start=float(o.momentum_start),
+                  momentum_ramp_epochs=float(o.momentum_ramp_epochs), nesterov=bool(o.nesterov),
+                  weight_decay=float(o.weight_decay), schedule=o.schedule,
+                  warmup_epochs=float(o.warmup_epochs), lr_decay=float(o.lr_decay),
+                  lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum))
+
+
+def _model(cfg, device, in_features, out_features):
+    m = cfg.model
+    return MLP(hidden=list(m.hidden), in_features=in_features, out_features=out_features,
+               dropout_input=m.dropout_input, dropout_hidden=m.dropout_hidden).to(device)
+
+
+def _test_errors_fn(test_x, test_y, batch_size):
+    return lambda model: count_errors(predict_logits(model, test_x, batch_size), test_y)["test_errors"]
+
+
+def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, extra, teacher=None):
+    """Train, count the final test errors, write checkpoint.pt and metrics.json."""
+    train_x, train_y, test_x, test_y = data
+    result = train(model, train_x, targets, loss_fn, _recipe(cfg),
+                   max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
+                   evaluate=_test_errors_fn(test_x, test_y, int(cfg.eval_batch_size)), desc=stage)
+    counts = count_errors(predict_logits(model, test_x, int(cfg.eval_batch_size)), test_y)
+    metrics = {
+        "stage": stage, **counts,
+        "test_error_rate": counts["test_errors"] / counts["test_total"],
+        "epochs": int(cfg.epochs), "train_images": int(train_x.shape[0]),
+        "train_seconds": round(result["train_seconds"], 3),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "seed": int(cfg.seed), "device": str(train_x.device), "arch": model.arch, **extra,
+        "history": result["history"],
+    }
+    payload = {"stage": stage, "arch": model.arch,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "config": OmegaConf.to_container(cfg, resolve=True), "metrics": metrics}
+    if teacher is not None:
+        payload["teacher"] = {"path": teacher["path"], "sha256": teacher["sha256"]}
+    save_checkpoint(Path(out_dir) / "checkpoint.pt", payload)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    save_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+# ---- the stages ----------------------------------------------------------------------------------
+
+def _train_on_labels(stage, cfg, out_dir):
+    started = time.perf_counter()
+    device, data = _setup(stage, cfg)
+    model = _model(cfg, device, data[0][0].numel(), 10)
+    return _fit_and_save(stage, cfg, out_dir, started, data, model, (data[1],),
+                         torch.nn.functional.cross_entropy, {})
+
+
+def train_teacher(cfg, out_dir):
+    return _train_on_labels("train-teacher", cfg, out_dir)
+
+
+def train_student(cfg, out_dir):
+    return _train_on_labels("train-student", cfg, out_dir)
+
+
+def distill(cfg, out_dir):
+    started = time.perf_counter()
+    validate("distill", cfg)  # before looking for a teacher: a bad T is the first thing to report
+    path = resolve_teacher(cfg.teacher)
+    device, data = _setup("distill", cfg)
+    train_x, train_y = data[0], data[1]
+    in_features = train_x[0].numel()
+    teacher, info = load_teacher(path, device, in_features, 10)
+    T, alpha = float(cfg.T), float(cfg.alpha)
+    # the transfer set is not augmented, so the teacher's soft targets are computed once
+    targets = soft_targets(teacher_logits(teacher, train_x, int(cfg.eval_batch_size)), T)
+    del teacher
+    model = _model(cfg, device, in_features, 10)
+    return _fit_and_save("distill", cfg, out_dir, started, data, model, (train_y, targets),
+                         lambda z, y, q: distillation_loss(z, y, q, T, alpha),
+                         {"T": T, "alpha": alpha, "teacher": info}, teacher=info)
+
+
+def evaluate(cfg, out_dir):
+    started = time.perf_counter()
+    validate("evaluate", cfg)
+    if not isinstance(cfg.checkpoint, str):
+        raise KDError(f"checkpoint must be one path to a checkpoint.pt, got {cfg.checkpoint!r}")
+    ckpt = load_checkpoint(cfg.checkpoint)
+    device = _device(cfg)
+    _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1)
+    model = build_mlp(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise KDError(f"{cfg.checkpoint}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
+    model.to(device)
+    counts = count_errors(predict_logits(model, test_x, int(cfg.eval_batch_size)), test_y)
+    metrics = {"stage": "evaluate", **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
+               "checkpoint": str(Path(cfg.checkpoint).resolve()), "checkpoint_stage": ckpt["stage"],
+               "arch": ckpt["arch"], "seed": int(cfg.seed), "device": str(device),
+               "wall_seconds": round(time.perf_counter() - started, 3)}
+    save_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
+STAGES = {"train-teacher": train_teacher, "train-student": train_student,
+          "distill": distill, "evaluate": evaluate}

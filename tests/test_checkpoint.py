@@ -1,0 +1,81 @@
+"""Checkpoints: atomic writes and safe, checked loading."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from kd_cli.checkpoint import FORMAT_VERSION, load_checkpoint, newest_checkpoint, save_checkpoint
+from kd_cli.errors import KDError
+
+
+def payload():
+    return {"stage": "train-student", "arch": {"hidden": [4], "in_features": 784, "out_features": 10},
+            "state_dict": {"w": torch.ones(2, 2)}, "config": {"T": 2.0}, "metrics": {"test_errors": 3}}
+
+
+def test_round_trip_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, payload())
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    ckpt = load_checkpoint(path)
+    assert ckpt["format_version"] == FORMAT_VERSION and torch.equal(ckpt["state_dict"]["w"], torch.ones(2, 2))
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, payload())
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint(path, {**payload(), "bad": lambda: 0})  # unpicklable: the write fails midway
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, payload())
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(KDError, match="truncated"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": torch.zeros(1)}, foreign)
+    with pytest.raises(KDError, match="missing format_version, stage, arch, state_dict"):
+        load_checkpoint(foreign)
+    newer = tmp_path / "newer.pt"
+    torch.save({**payload(), "format_version": FORMAT_VERSION + 1}, newer)
+    with pytest.raises(KDError, match="format"):
+        load_checkpoint(newer)
+    with pytest.raises(KDError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    Exploit.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({**payload(), "x": Exploit()}, evil)
+    with pytest.raises(KDError, match="nothing in it was run"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    raw = tmp_path / "raw.pt"  # a bare pickle, not even a torch zip
+    raw.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(KDError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+def test_newest_checkpoint_covers_runs_and_sweeps(tmp_path):
+    assert newest_checkpoint(tmp_path, "train-teacher") is None
+    a = tmp_path / "train-teacher" / "a" / "checkpoint.pt"
+    b = tmp_path / "train-teacher-sweep" / "s" / "0_x" / "checkpoint.pt"
+    for p, t in ((a, 100), (b, 200)):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (t, t))
+    assert newest_checkpoint(tmp_path, "train-teacher") == b

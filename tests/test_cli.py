@@ -1,0 +1,134 @@
+"""The installed `kd` end to end, as a subprocess on tiny synthetic data."""
+import json
+
+import pytest
+import torch
+
+from kd_cli.checkpoint import save_checkpoint, sha256_of
+
+FAST = ["epochs=2", "batch_size=50"]
+METRIC_KEYS = {"stage", "test_errors", "test_total", "test_error_rate", "per_class_errors", "epochs",
+               "train_images", "train_seconds", "wall_seconds", "seed"}
+
+
+def run_dirs(cwd, stage):
+    return sorted((cwd / "outputs" / stage).iterdir())
+
+
+def metrics_of(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def last_line(proc):
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_four_stages_end_to_end(kd):
+    teacher = kd("train-teacher", *FAST)
+    (t_dir,) = run_dirs(kd.cwd, "train-teacher")
+    t = metrics_of(t_dir)
+    assert METRIC_KEYS <= t.keys() and t["stage"] == "train-teacher"
+    assert last_line(teacher) == f"test errors: {t['test_errors']} / 200"
+    assert isinstance(t["test_errors"], int) and t["test_total"] == 200 and t["train_images"] == 600
+    assert sum(t["per_class_errors"]) == t["test_errors"] and len(t["history"]) == 2
+    assert (t_dir / ".hydra" / "config.yaml").is_file() and (t_dir / ".hydra" / "overrides.yaml").is_file()
+    ckpt = torch.load(t_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["arch"]["hidden"] == [1200, 1200] and ckpt["config"]["data"]["jitter"] == 2
+
+    kd("train-student", *FAST)
+    (s_dir,) = run_dirs(kd.cwd, "train-student")
+    assert metrics_of(s_dir)["arch"]["hidden"] == [800, 800]
+
+    distilled = kd("distill", "T=5", "alpha=0.3", *FAST)  # no teacher given: the newest one
+    (d_dir,) = run_dirs(kd.cwd, "distill")
+    d = metrics_of(d_dir)
+    assert d["T"] == 5 and d["alpha"] == 0.3
+    assert d["teacher"]["path"] == str((t_dir / "checkpoint.pt").resolve())
+    assert d["teacher"]["sha256"] == sha256_of(t_dir / "checkpoint.pt")
+    assert torch.load(d_dir / "checkpoint.pt", weights_only=True)["teacher"]["sha256"] == d["teacher"]["sha256"]
+    assert last_line(distilled) == f"test errors: {d['test_errors']} / 200"
+
+    evaluated = kd("evaluate", f"checkpoint={d_dir / 'checkpoint.pt'}")
+    (e_dir,) = run_dirs(kd.cwd, "evaluate")
+    e = metrics_of(e_dir)
+    assert e["test_errors"] == d["test_errors"] and e["per_class_errors"] == d["per_class_errors"]
+    assert last_line(evaluated) == f"test errors: {d['test_errors']} / 200"
+
+
+def test_same_seed_gives_same_errors_and_weights(kd):
+    for _ in range(2):
+        kd("train-student", "seed=3", "data.train_limit=300", *FAST)
+    a, b = run_dirs(kd.cwd, "train-student")
+    assert a != b  # two runs, two folders
+    assert metrics_of(a)["test_errors"] == metrics_of(b)["test_errors"]
+    wa = torch.load(a / "checkpoint.pt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_multirun_writes_one_folder_per_job(kd):
+    kd("train-teacher", "model.hidden=[32]", "epochs=1")
+    (t_dir,) = run_dirs(kd.cwd, "train-teacher")
+    kd("distill", "-m", "T=2,5", "alpha=0.1,0.5", "epochs=1", f"teacher={t_dir / 'checkpoint.pt'}")
+    (sweep,) = run_dirs(kd.cwd, "distill-sweep")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert len(jobs) == 4 and len({p.name for p in jobs}) == 4
+    got = set()
+    for job in jobs:
+        m = metrics_of(job)
+        assert (job / "checkpoint.pt").is_file() and f"T={m['T']:g}" in job.name
+        got.add((m["T"], m["alpha"]))
+    assert got == {(2.0, 0.1), (2.0, 0.5), (5.0, 0.1), (5.0, 0.5)}
+
+
+@pytest.fixture
+def bad_teachers(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"stage": "train-teacher", "arch": {"hidden": [4]}, "state_dict": {}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    return {"garbage": garbage, "truncated": truncated, "foreign": foreign}
+
+
+@pytest.mark.parametrize("args, says", [
+    (["distill", "T=0"], "T must be a number > 0"),
+    (["distill", "T=-1"], "T must be a number > 0"),
+    (["distill", "T=abc"], "T must be a number > 0"),
+    (["distill", "alpha=1.5"], "alpha must be a number in [0, 1]"),
+    (["distill", "alpha=-0.1"], "alpha must be a number in [0, 1]"),
+    (["distill", "-m", "T=2,0"], "T must be a number > 0"),
+    (["distill", "temprature=3"], "unknown key 'temprature'"),
+    (["train-teacher", "epochs=0"], "epochs must be an integer >= 1"),
+    (["distill", "teacher=/no/such/file.pt"], "teacher checkpoint not found"),
+    (["distill", "teacher={garbage}"], "is not a kd checkpoint"),
+    (["distill", "teacher={truncated}"], "truncated"),
+    (["distill", "teacher={foreign}"], "is not a kd checkpoint (missing"),
+    (["distill"], "run `kd train-teacher` first"),
+    (["train-student", "data.root={empty}", "data.download=false"], "KD_DATA_ROOT"),
+    (["evaluate"], "needs checkpoint="),
+])
+def test_bad_input_is_one_line_and_no_checkpoint(kd, bad_teachers, tmp_path, args, says):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", **bad_teachers) for a in args]
+    proc = kd(*args, "seed=0", check=False)
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kd: error: ") and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("outputs/**/checkpoint.pt"))
+
+
+def test_help_and_unknown_stage(kd):
+    out = kd("--help").stdout
+    assert all(stage in out for stage in ("train-teacher", "train-student", "distill", "evaluate"))
+    assert kd().stdout == out
+    help_ = kd("distill", "--help").stdout
+    assert "kd distill" in help_ and "alpha: 0.1" in help_ and "T: 20.0" in help_
+    job = kd("distill", "--cfg", "job", "T=3").stdout
+    assert "T: 3" in job and "hidden:" in job
+    proc = kd("distil", check=False)
+    assert proc.returncode == 2 and "distill" in proc.stderr and "unknown stage" in proc.stderr

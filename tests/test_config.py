@@ -1,0 +1,46 @@
+"""Every stage's config composes from the installed package, and the presets do what they say."""
+import pytest
+from hydra import compose, initialize_config_module
+
+from kd_cli.cli import STAGES
+from kd_cli.stages import validate
+
+
+def composed(stage, *overrides):
+    with initialize_config_module("kd_cli.conf", version_base="1.3"):
+        return compose(STAGES[stage][0], overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_composes_and_validates(stage):
+    cfg = composed(stage, "checkpoint=x.pt" if stage == "evaluate" else "seed=1")
+    assert cfg.hydra.job.name == stage
+    assert cfg.hydra.run.dir.startswith(f"outputs/{stage}/")
+    assert cfg.hydra.sweep.dir.startswith(f"outputs/{stage}-sweep/")
+    validate(stage, cfg)
+
+
+def test_teacher_and_student_defaults_match_the_paper():
+    t = composed("train-teacher")
+    assert list(t.model.hidden) == [1200, 1200] and t.model.dropout_input == 0.2
+    assert t.model.dropout_hidden == 0.5 and t.model.max_norm ** 2 == pytest.approx(15, rel=1e-3)
+    assert t.data.jitter == 2
+    s = composed("train-student")
+    assert list(s.model.hidden) == [800, 800] and s.model.max_norm is None and s.data.jitter == 0
+    d = composed("distill")
+    assert d.T == 20 and d.alpha == 0.1 and d.teacher is None and d.data.jitter == 0
+
+
+def test_hinton2012_preset_and_overrides_win():
+    cfg = composed("train-teacher", "recipe=hinton2012", "epochs=7")
+    assert cfg.epochs == 7 and cfg.lr == 10 and cfg.batch_size == 100
+    assert cfg.optim.momentum_start == 0.5 and cfg.optim.momentum == 0.99
+    assert cfg.optim.momentum_ramp_epochs == 500 and cfg.optim.lr_decay == 0.998
+    assert cfg.optim.lr_times_one_minus_momentum
+
+
+def test_data_root_follows_kd_data_root(monkeypatch):
+    monkeypatch.setenv("KD_DATA_ROOT", "/some/where")
+    assert composed("distill").data.root == "/some/where"
+    monkeypatch.delenv("KD_DATA_ROOT")
+    assert composed("distill").data.root == "data"

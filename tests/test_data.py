@@ -1,0 +1,60 @@
+"""Loading MNIST into tensors, and the batched jitter."""
+import pytest
+import torch
+
+from kd_cli.data import jitter, load_mnist
+from kd_cli.errors import KDError
+
+
+def test_jitter_moves_each_image_by_at_most_two_pixels_with_zero_fill():
+    torch.manual_seed(0)
+    n = 2000
+    images = torch.zeros(n, 28, 28)
+    images[:, 14, 14] = 1.0  # one lit pixel per image: where it lands is the shift
+    out = jitter(images, 2)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert torch.equal(out.flatten(1).sum(1), torch.ones(n))  # moved whole, nothing else lit
+    where = out.flatten(1).argmax(1)
+    dy, dx = where // 28 - 14, where % 28 - 14
+    assert dy.abs().max() == 2 and dx.abs().max() == 2
+    seen = set(zip(dy.tolist(), dx.tolist()))
+    assert len(seen) == 25  # every shift in -2..2 x -2..2 is drawn
+
+
+def test_jitter_shifts_content_and_fills_with_zeros_at_the_border():
+    torch.manual_seed(1)
+    images = torch.ones(500, 28, 28)
+    out = jitter(images, 2)
+    lost = 784 - out.flatten(1).sum(1)  # pixels pushed out = |dy|*28 + |dx|*28 - |dy||dx|
+    assert lost.max() == 2 * 28 + 2 * 28 - 4 and lost.min() == 0
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_jitter_is_fresh_per_call_and_seeded():
+    images = torch.rand(64, 28, 28)
+    torch.manual_seed(2)
+    a, b = jitter(images, 2), jitter(images, 2)
+    torch.manual_seed(2)
+    assert torch.equal(jitter(images, 2), a) and not torch.equal(a, b)
+    assert jitter(images, 0) is images
+
+
+def test_jitter_chunks_agree_with_one_pass():
+    images = torch.rand(100, 28, 28)
+    torch.manual_seed(3)
+    whole = jitter(images, 2, chunk=1000)
+    torch.manual_seed(3)
+    assert torch.equal(jitter(images, 2, chunk=1000), whole)
+    assert jitter(images, 2, chunk=7).shape == images.shape
+
+
+def test_load_mnist_tensors(tiny_root):
+    tx, ty, sx, sy = load_mnist(tiny_root, download=False, train_limit=100)
+    assert tx.shape == (100, 28, 28) and sx.shape == (200, 28, 28)
+    assert tx.dtype == torch.float32 and 0 <= tx.min() and tx.max() == 1.0
+    assert ty.dtype == torch.long and sy.shape == (200,)
+
+
+def test_missing_data_names_kd_data_root(tmp_path):
+    with pytest.raises(KDError, match="KD_DATA_ROOT"):
+        load_mnist(tmp_path, download=False)

@@ -1,0 +1,75 @@
+"""The distillation loss against the paper's formulas."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_cli.losses import distillation_loss, soft_loss, soft_targets
+
+
+def grad_of(fn, z):
+    z = z.clone().requires_grad_(True)
+    fn(z).backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("T", [1.0, 2.5, 20.0])
+def test_soft_gradient_is_paper_formula(T):
+    # dC/dz_i = (1/T)(q_i - p_i) per case, before the T^2 factor (the loss is a batch mean)
+    torch.manual_seed(0)
+    z, v = torch.randn(8, 10, dtype=torch.float64) * 3, torch.randn(8, 10, dtype=torch.float64) * 3
+    g = grad_of(lambda z: soft_loss(z, soft_targets(v, T), T), z)
+    q, p = F.softmax(z / T, dim=1), F.softmax(v / T, dim=1)
+    torch.testing.assert_close(g, (q - p) / T / z.shape[0])
+
+
+def test_high_temperature_limit_is_logit_matching():
+    # zero-meaned logits, T >> |logits|: dC/dz_i -> (z_i - v_i) / (N T^2)
+    torch.manual_seed(1)
+    N, T, batch = 10, 500.0, 4
+    z, v = torch.randn(batch, N, dtype=torch.float64), torch.randn(batch, N, dtype=torch.float64)
+    z, v = z - z.mean(1, keepdim=True), v - v.mean(1, keepdim=True)
+    g = grad_of(lambda z: soft_loss(z, soft_targets(v, T), T), z) * batch
+    want = (z - v) / (N * T * T)
+    torch.testing.assert_close(g, want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_t_squared_keeps_soft_gradient_scale():
+    torch.manual_seed(2)
+    z, v = torch.randn(16, 10, dtype=torch.float64), torch.randn(16, 10, dtype=torch.float64)
+    z, v = z - z.mean(1, keepdim=True), v - v.mean(1, keepdim=True)
+    norms = [grad_of(lambda z: distillation_loss(z, None, soft_targets(v, T), T, 0.0), z).norm()
+             for T in (50.0, 100.0, 200.0)]
+    assert max(norms) / min(norms) < 1.01  # without T^2 these would differ by 16x
+
+
+def test_alpha_one_is_plain_cross_entropy():
+    torch.manual_seed(3)
+    z, v, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    torch.testing.assert_close(distillation_loss(z, y, soft_targets(v, 4.0), 4.0, 1.0), F.cross_entropy(z, y))
+
+
+def test_mix_weights_and_alpha_zero_never_reads_labels():
+    torch.manual_seed(4)
+    z, v, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    T, alpha = 3.0, 0.3
+    soft = T * T * soft_loss(z, soft_targets(v, T), T)
+    want = alpha * F.cross_entropy(z, y) + (1 - alpha) * soft
+    torch.testing.assert_close(distillation_loss(z, y, soft_targets(v, T), T, alpha), want)
+    torch.testing.assert_close(distillation_loss(z, None, soft_targets(v, T), T, 0.0), soft)
+
+
+def test_soft_loss_is_kl_batchmean_not_mean_over_classes():
+    torch.manual_seed(5)
+    z, v, T = torch.randn(8, 10), torch.randn(8, 10), 2.0
+    kl = torch.nn.KLDivLoss(reduction="batchmean")(F.log_softmax(z / T, 1), F.softmax(v / T, 1))
+    torch.testing.assert_close(soft_loss(z, soft_targets(v, T), T), kl)
+    assert soft_loss(v, soft_targets(v, T), T).abs() < 1e-6  # zero when the student matches
+
+
+@pytest.mark.parametrize("T", [0.05, 1.0, 1000.0])
+def test_finite_for_extreme_logits_in_float32(T):
+    z = torch.tensor([[1e4, -1e4, 0.0] + [0.0] * 7, [-1e4] * 10], requires_grad=True)
+    v = torch.tensor([[-1e4, 1e4, 0.0] + [0.0] * 7, [1e4] + [-1e4] * 9])
+    loss = distillation_loss(z, torch.tensor([0, 1]), soft_targets(v, T), T, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

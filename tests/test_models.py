@@ -1,0 +1,41 @@
+"""The MLPs and the max-norm constraint."""
+import torch
+
+from kd_cli.models import MLP, apply_max_norm_, build_mlp
+
+
+def test_shapes_and_arch_round_trip():
+    m = MLP(hidden=[1200, 1200], dropout_input=0.2, dropout_hidden=0.5)
+    assert m(torch.rand(5, 28, 28)).shape == (5, 10)
+    assert [l.out_features for l in m.hidden] == [1200, 1200]
+    clone = build_mlp(m.arch)
+    clone.load_state_dict(m.state_dict())
+    m.eval(), clone.eval()
+    x = torch.rand(3, 784)
+    assert torch.equal(m(x), clone(x))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = MLP(hidden=[50], dropout_input=0.5, dropout_hidden=0.5)
+    x = torch.rand(4, 784)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))
+
+
+def test_max_norm_holds_after_a_large_step():
+    torch.manual_seed(1)
+    m = MLP(hidden=[64, 64])
+    opt = torch.optim.SGD(m.parameters(), lr=50.0)
+    loss = m(torch.rand(32, 784) * 10).pow(2).sum()
+    loss.backward()
+    opt.step()
+    c = 1.5
+    assert max(l.weight.norm(dim=1).max() for l in m.hidden) > c  # the step broke the limit...
+    out_before = m.out.weight.clone()
+    apply_max_norm_(m, c)
+    for layer in m.hidden:  # ...and the constraint restores it for every hidden unit
+        assert layer.weight.norm(dim=1).max() <= c * (1 + 1e-5)
+    assert torch.equal(m.out.weight, out_before)  # the output layer is not constrained

@@ -1,0 +1,70 @@
+"""The training loop's schedule and repeatability."""
+import math
+
+import pytest
+import torch
+
+from kd_cli.models import MLP
+from kd_cli.train import Recipe, train
+
+
+def hinton2012():
+    return Recipe(epochs=3000, batch_size=100, lr=10.0, momentum=0.99, momentum_start=0.5,
+                  momentum_ramp_epochs=500, schedule="exponential", lr_decay=0.998,
+                  lr_times_one_minus_momentum=True)
+
+
+def test_hinton2012_schedule():
+    r = hinton2012()
+    lr, mom = r.at(0)
+    assert mom == 0.5 and lr == pytest.approx(10 * 0.5)
+    lr, mom = r.at(250.5)
+    assert mom == pytest.approx(0.5 + 0.49 * 250.5 / 500)
+    assert lr == pytest.approx(10 * 0.998 ** 250 * (1 - mom))
+    lr, mom = r.at(1000)
+    assert mom == pytest.approx(0.99) and lr == pytest.approx(10 * 0.998 ** 1000 * 0.01)
+
+
+def test_onecycle_warms_up_then_anneals_to_zero():
+    r = Recipe(epochs=10, batch_size=10, lr=0.2, schedule="onecycle", warmup_epochs=2)
+    assert r.at(0)[0] == 0 and r.at(1)[0] == pytest.approx(0.1) and r.at(2)[0] == pytest.approx(0.2)
+    assert r.at(6)[0] == pytest.approx(0.1) and r.at(10)[0] == pytest.approx(0, abs=1e-12)
+
+
+def toy(n=256):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 28, 28, generator=g)
+    y = (x[:, :14].sum((1, 2)) > x[:, 14:].sum((1, 2))).long()
+    return x, y
+
+
+def fit(seed, epochs=3, **kw):
+    torch.manual_seed(seed)
+    x, y = toy()
+    m = MLP(hidden=[32], dropout_hidden=0.2)
+    out = train(m, x, (y,), torch.nn.functional.cross_entropy,
+                Recipe(epochs=epochs, batch_size=32, lr=0.1, schedule="cosine"),
+                max_norm=2.0, jitter_pixels=1, evaluate=lambda m: 0, **kw)
+    return m, out
+
+
+def test_same_seed_same_weights_and_loss_goes_down():
+    (a, ha), (b, hb) = fit(0), fit(0)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert ha["history"] == hb["history"]
+    c, _ = fit(1)
+    assert not torch.equal(a.out.weight, c.out.weight)
+    _, long = fit(0, epochs=15)
+    losses = [row["loss"] for row in long["history"]]
+    assert losses[-1] < losses[0] and all(math.isfinite(l) for l in losses)
+    assert [row["epoch"] for row in long["history"]] == list(range(1, 16))
+
+
+def test_partial_last_batch_is_used():
+    seen = []
+    x, y = toy(70)
+    m = MLP(hidden=[8])
+    train(m, x, (y,), lambda z, t: (seen.append(len(t)), z.sum() * 0)[1],
+          Recipe(epochs=1, batch_size=32, lr=0.1))
+    assert seen == [32, 32, 6]
