@@ -58,3 +58,13 @@ def test_load_mnist_tensors(tiny_root):
 def test_missing_data_names_kd_data_root(tmp_path):
     with pytest.raises(KDError, match="KD_DATA_ROOT"):
         load_mnist(tmp_path, download=False)
+
+
+def test_real_mnist_when_present():
+    import os
+    root = os.environ.get("KD_DATA_ROOT", "../shared/data")
+    if not os.path.exists(os.path.join(root, "MNIST", "raw", "t10k-labels-idx1-ubyte")):
+        pytest.skip("real MNIST not under KD_DATA_ROOT")
+    tx, ty, sx, sy = load_mnist(root, download=False)
+    assert tx.shape == (60000, 28, 28) and sx.shape == (10000, 28, 28)
+    assert int((sy == 3).sum()) == 1010  # the count the paper's omitted-3 experiment uses
