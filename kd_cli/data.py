@@ -36,21 +36,28 @@ def load_mnist(root, download=False, device="cpu", train_limit=None):
     return (*as_tensors(train, train_limit), *as_tensors(test))
 
 
-def jitter(images, max_shift, chunk=8192):
+def split_validation(x, y, val_size, seed=0):
+    """Hold out `val_size` training images for choosing things that must not be chosen on the test
+    set. The split has its own fixed seed, so every run (whatever its `seed`) holds out the same
+    images. Returns (train_x, train_y, val_x, val_y)."""
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
+    val, keep = perm[:val_size], perm[val_size:].sort().values  # training images keep their order
+    return x[keep], y[keep], x[val], y[val]
+
+
+def jitter(images, max_shift):
     """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
-    axis, filling with zeros. Batched gathers on the images' device, in chunks to bound the index
-    memory; uses the global torch RNG so a seed fixes it."""
+    axis, filling with zeros. Batched on the images' device with the global torch RNG (a seed
+    fixes it): one slice-and-copy per possible shift, not one Python step per image."""
     if max_shift <= 0:
         return images
-    return torch.cat([_jitter_chunk(c, max_shift) for c in images.split(chunk)])
-
-
-def _jitter_chunk(images, s):
     n, h, w = images.shape
-    padded = F.pad(images, (s, s, s, s))  # zeros come into view where an image moves away
-    dev = images.device
-    dy = torch.randint(0, 2 * s + 1, (n, 1, 1), device=dev)
-    dx = torch.randint(0, 2 * s + 1, (n, 1, 1), device=dev)
-    rows = dy + torch.arange(h, device=dev).view(1, h, 1)
-    cols = dx + torch.arange(w, device=dev).view(1, 1, w)
-    return padded[torch.arange(n, device=dev).view(n, 1, 1), rows, cols]
+    side = 2 * max_shift + 1
+    padded = F.pad(images, (max_shift,) * 4)  # zeros come into view where an image moves away
+    shift = torch.randint(0, side * side, (n,), device=images.device)
+    out = torch.empty_like(images)
+    for k in range(side * side):
+        dy, dx = divmod(k, side)
+        idx = (shift == k).nonzero().squeeze(1)
+        out[idx] = padded[idx, dy:dy + h, dx:dx + w]
+    return out

@@ -3,6 +3,33 @@ import torch
 from torch import nn
 
 
+class Dropout(nn.Module):
+    """Inverted dropout with masks cut from random bytes: on CPU, torch's dropout draws one random
+    number per unit and was half of a teacher's training step; a byte per unit is 8x less RNG work
+    and float arithmetic avoids slow bool kernels. The drop rate is rounded to the nearest 1/256
+    (0.2 -> 0.1992, 0.5 exact) and kept units are scaled by 256/kept so the expectation is exact.
+    On CUDA, torch's own dropout is already fast."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = float(p)
+        self.kept = round(256 * (1 - self.p))  # a unit is kept when its random byte is < kept
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.is_cuda:
+            return nn.functional.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+        byte = words.view(torch.uint8)[:n].view(x.shape).float()
+        mask = byte.sub_(self.kept).neg_().clamp_(0, 1).mul_(256 / self.kept)  # 0 or 256/kept
+        return x * mask
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
 class MLP(nn.Module):
     """in -> [Linear, ReLU, Dropout] * len(hidden) -> Linear, with dropout on the inputs too."""
 
@@ -13,8 +40,8 @@ class MLP(nn.Module):
         widths = [in_features, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
         self.out = nn.Linear(widths[-1], out_features)
-        self.drop_in = nn.Dropout(dropout_input)
-        self.drop_hidden = nn.Dropout(dropout_hidden)
+        self.drop_in = Dropout(dropout_input)
+        self.drop_hidden = Dropout(dropout_hidden)
 
     def forward(self, x):
         x = self.drop_in(x.flatten(1))

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, save_checkpoint, save_json
-from .data import load_mnist
+from .data import load_mnist, split_validation
 from .errors import KDError
 from .evaluate import count_errors, predict_logits
 from .losses import distillation_loss, soft_targets
@@ -56,6 +56,7 @@ def validate(stage, cfg):
     _number(cfg, "batch_size", lambda v: v >= 1, "an integer >= 1", int)
     _number(cfg, "lr", lambda v: v > 0, "a number > 0")
     _number(cfg, "data.jitter", lambda v: 0 <= v <= 13, "an integer number of pixels in 0..13", int)
+    _number(cfg, "data.val_size", lambda v: v >= 0, "an integer >= 0", int)
     if cfg.data.train_limit is not None:
         _number(cfg, "data.train_limit", lambda v: v >= 1, "null or an integer >= 1", int)
     if cfg.optim.schedule not in SCHEDULES:
@@ -77,12 +78,20 @@ def _device(cfg):
 
 
 def _setup(stage, cfg):
+    """Check the values, seed, and load the data: train_x, train_y, test_x, test_y, val (or None)."""
     validate(stage, cfg)
     device = _device(cfg)
     torch.manual_seed(int(cfg.seed))
     limit = cfg.data.get("train_limit")
-    data = load_mnist(cfg.data.root, cfg.data.download, device, None if limit is None else int(limit))
-    return device, data
+    train_x, train_y, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device,
+                                                  None if limit is None else int(limit))
+    val = None
+    if cfg.data.val_size:
+        if cfg.data.val_size >= train_x.shape[0]:
+            raise KDError(f"data.val_size={cfg.data.val_size} leaves no training images "
+                          f"(there are {train_x.shape[0]})")
+        train_x, train_y, *val = split_validation(train_x, train_y, int(cfg.data.val_size))
+    return device, (train_x, train_y, test_x, test_y, val)
 
 
 def _recipe(cfg):
@@ -101,17 +110,27 @@ def _model(cfg, device, in_features, out_features):
                dropout_input=m.dropout_input, dropout_hidden=m.dropout_hidden).to(device)
 
 
-def _test_errors_fn(test_x, test_y, batch_size):
-    return lambda model: count_errors(predict_logits(model, test_x, batch_size), test_y)["test_errors"]
+def _errors_fn(test_x, test_y, val, batch_size):
+    """Per-epoch monitoring: test errors, and validation errors when a split is held out."""
+    def errors(model):
+        row = {"test_errors": count_errors(predict_logits(model, test_x, batch_size), test_y)["test_errors"]}
+        if val is not None:
+            row["val_errors"] = count_errors(predict_logits(model, val[0], batch_size), val[1])["test_errors"]
+        return row
+    return errors
 
 
 def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, extra, teacher=None):
     """Train, count the final test errors, write checkpoint.pt and metrics.json."""
-    train_x, train_y, test_x, test_y = data
+    train_x, train_y, test_x, test_y, val = data
+    batch = int(cfg.eval_batch_size)
     result = train(model, train_x, targets, loss_fn, _recipe(cfg),
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
-                   evaluate=_test_errors_fn(test_x, test_y, int(cfg.eval_batch_size)), desc=stage)
-    counts = count_errors(predict_logits(model, test_x, int(cfg.eval_batch_size)), test_y)
+                   evaluate=_errors_fn(test_x, test_y, val, batch), desc=stage)
+    counts = count_errors(predict_logits(model, test_x, batch), test_y)
+    if val is not None:
+        extra = {**extra, "val_size": int(val[1].numel()),
+                 "val_errors": count_errors(predict_logits(model, val[0], batch), val[1])["test_errors"]}
     metrics = {
         "stage": stage, **counts,
         "test_error_rate": counts["test_errors"] / counts["test_total"],

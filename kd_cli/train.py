@@ -56,7 +56,7 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
           desc="train"):
     """Train `model` in place on images x [N, 28, 28] and per-image `targets` (a tuple of tensors
     indexed like x), calling loss_fn(logits, *batch_targets). After each epoch `evaluate(model)`
-    gives the test errors shown on the bar. Returns the history and train_seconds (the loop alone,
+    gives a dict of error counts, kept in the history and shown on the bar. Returns the history and train_seconds (the loop alone,
     without evaluation)."""
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / recipe.batch_size)
@@ -90,7 +90,7 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
             raise KDError(f"training diverged at epoch {epoch + 1} (loss {mean_loss}); lower lr")
         row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
         if evaluate is not None:
-            row["test_errors"] = evaluate(model)
+            row.update(evaluate(model))
         history.append(row)
         bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     return {"history": history, "train_seconds": train_seconds}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kd_cli.data import jitter, load_mnist
+from kd_cli.data import jitter, load_mnist, split_validation
 from kd_cli.errors import KDError
 
 
@@ -39,15 +39,6 @@ def test_jitter_is_fresh_per_call_and_seeded():
     assert jitter(images, 0) is images
 
 
-def test_jitter_chunks_agree_with_one_pass():
-    images = torch.rand(100, 28, 28)
-    torch.manual_seed(3)
-    whole = jitter(images, 2, chunk=1000)
-    torch.manual_seed(3)
-    assert torch.equal(jitter(images, 2, chunk=1000), whole)
-    assert jitter(images, 2, chunk=7).shape == images.shape
-
-
 def test_load_mnist_tensors(tiny_root):
     tx, ty, sx, sy = load_mnist(tiny_root, download=False, train_limit=100)
     assert tx.shape == (100, 28, 28) and sx.shape == (200, 28, 28)
@@ -68,3 +59,14 @@ def test_real_mnist_when_present():
     tx, ty, sx, sy = load_mnist(root, download=False)
     assert tx.shape == (60000, 28, 28) and sx.shape == (10000, 28, 28)
     assert int((sy == 3).sum()) == 1010  # the count the paper's omitted-3 experiment uses
+
+
+def test_validation_split_is_fixed_disjoint_and_complete():
+    x = torch.arange(100).float().view(100, 1, 1).expand(100, 28, 28)
+    y = torch.arange(100)
+    tx, ty, vx, vy = split_validation(x, y, 20)
+    assert len(vy) == 20 and len(ty) == 80
+    assert sorted(ty.tolist() + vy.tolist()) == list(range(100))
+    assert torch.equal(tx[:, 0, 0].long(), ty) and torch.equal(vx[:, 0, 0].long(), vy)
+    torch.manual_seed(123)  # the run's seed does not move the split
+    assert torch.equal(split_validation(x, y, 20)[3], vy)

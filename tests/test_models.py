@@ -1,7 +1,8 @@
 """The MLPs and the max-norm constraint."""
+import pytest
 import torch
 
-from kd_cli.models import MLP, apply_max_norm_, build_mlp
+from kd_cli.models import MLP, Dropout, apply_max_norm_, build_mlp
 
 
 def test_shapes_and_arch_round_trip():
@@ -39,3 +40,19 @@ def test_max_norm_holds_after_a_large_step():
     for layer in m.hidden:  # ...and the constraint restores it for every hidden unit
         assert layer.weight.norm(dim=1).max() <= c * (1 + 1e-5)
     assert torch.equal(m.out.weight, out_before)  # the output layer is not constrained
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_dropout_rate_scale_and_gradient(p):
+    torch.manual_seed(2)
+    drop = Dropout(p).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 1 / 256 + 0.005  # the rate, to its 1/256 rounding
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 256 / drop.kept))  # inverted-dropout scale
+    assert abs(y.mean().item() - 1) < 0.01  # the expectation is unchanged
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient flows only through kept units
+    assert drop.eval()(x) is x
