@@ -130,7 +130,11 @@ def main(argv=None):
     import hydra
 
     sys.argv = [f"kd {stage}", *overrides]
-    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
+    try:
+        hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
+    except KeyboardInterrupt:
+        _fail("interrupted; this run wrote no checkpoint (checkpoints are only ever written whole)")
+        return 130
     if _failures:
         _fail(f"{len(_failures)} job(s) of the sweep failed:\n  " + "\n  ".join(_failures))
         return 1

@@ -35,9 +35,11 @@ def test_four_stages_end_to_end(kd):
     ckpt = torch.load(t_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["arch"]["hidden"] == [1200, 1200] and ckpt["config"]["data"]["jitter"] == 2
 
-    kd("train-student", *FAST)
+    kd("train-student", "data.val_size=100", *FAST)
     (s_dir,) = run_dirs(kd.cwd, "train-student")
-    assert metrics_of(s_dir)["arch"]["hidden"] == [800, 800]
+    s = metrics_of(s_dir)
+    assert s["arch"]["hidden"] == [800, 800] and s["train_images"] == 500 and s["val_size"] == 100
+    assert 0 <= s["val_errors"] <= 100 and all("val_errors" in row for row in s["history"])
 
     distilled = kd("distill", "T=5", "alpha=0.3", *FAST)  # no teacher given: the newest one
     (d_dir,) = run_dirs(kd.cwd, "distill")
