@@ -55,6 +55,7 @@ class Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_checkpoint_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     Exploit.marker = marker
