@@ -15,17 +15,27 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "stage", "arch", "state_dict")
 
 
-def save_checkpoint(path, payload):
+def save_checkpoint(path, payload, durable=True):
     """Write to a temporary file in the same folder, then rename: a run killed mid-write never
-    leaves a half-written checkpoint.pt behind."""
+    leaves a half-written file behind, and a failed write (disk full, no permission) leaves the
+    previous file as it was. `durable` also flushes to disk (survives power loss, costs time)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise KDError(f"could not write in {path.parent}: {e.strerror or e}; choose a writable "
+                      "hydra.run.dir") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise KDError(f"could not write {path}: {e.strerror or e}; free some space or choose a writable "
+                      "hydra.run.dir (the previous file there is intact)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

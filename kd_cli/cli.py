@@ -1,6 +1,7 @@
 """`kd <stage> [key=value ...]`: argv[1] picks the stage, the rest goes to Hydra."""
 import logging
 import sys
+from pathlib import Path
 
 from .errors import KDError
 
@@ -62,6 +63,30 @@ def _composition_message(stage, e):
     return text.split(" full_key:")[0]
 
 
+def resume_overrides(stage, overrides):
+    """`kd <stage> resume=<run dir>` continues that run in that folder with the overrides it
+    started with (from its .hydra/overrides.yaml), so it ends exactly as if never stopped."""
+    wanted = [o for o in overrides if o.startswith("resume=")]
+    if not wanted:
+        return overrides
+    if len(wanted) != len(overrides):
+        raise KDError("resume=<run dir> takes no other arguments: the run continues with the config it started with")
+    import yaml
+
+    from .stages import check_resume
+
+    run_dir = Path(wanted[-1].split("=", 1)[1])
+    try:
+        original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        started_as = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["name"]
+    except (OSError, KeyError, TypeError):
+        raise KDError(f"{run_dir} is not a kd run folder (no .hydra/overrides.yaml in it)") from None
+    if started_as != stage:
+        raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
+    check_resume(run_dir)  # before Hydra rewrites anything in that folder
+    return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
 def check_overrides(stage, config_name, overrides):
     """Compose the stage's config once before Hydra runs it, so a typo'd key or a bad value ends
     in one line with no run folder made; every value of a sweep is checked too."""
@@ -92,11 +117,15 @@ def _task(stage):
     from hydra.types import RunMode
 
     from . import stages
+    from .train import Interrupted
 
     def run(cfg):
         hc = HydraConfig.get()
         try:
             metrics = stages.STAGES[stage](cfg, hc.runtime.output_dir)
+        except Interrupted as e:  # state saved: say how to continue, and end the whole sweep
+            _fail(f"{e}; state saved. Continue with: kd {stage} resume={hc.runtime.output_dir}")
+            sys.exit(e.exit_code)
         except KDError as e:
             if hc.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
                 logging.getLogger("kd").error("job %s failed: %s", hc.job.num, e)
@@ -122,6 +151,7 @@ def main(argv=None):
     config_name = STAGES[stage][0]
     if not any(a.split("=")[0] in INSPECT_FLAGS for a in overrides):
         try:
+            overrides = resume_overrides(stage, overrides)
             check_overrides(stage, config_name, overrides)
         except KDError as e:
             _fail(str(e))

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_json
+from .checkpoint import load_checkpoint, save_checkpoint, save_json, sha256_of
 from .data import load_mnist, split_validation
 from .errors import KDError
 from .evaluate import count_errors, predict_logits
@@ -15,6 +15,7 @@ from .teachers import load_teacher, resolve_teacher, teacher_logits
 from .train import SCHEDULES, Recipe, train
 
 TRAINING_STAGES = ("train-teacher", "train-student", "distill")
+STATE_FILE = "state.pt"  # the resumable training state, in the run dir until the run finishes
 
 
 # ---- checking the values a user typed, before any work ------------------------------------------
@@ -77,9 +78,27 @@ def _device(cfg):
     return torch.device(cfg.device)
 
 
-def _setup(stage, cfg):
+def check_resume(run_dir, out_dir=None):
+    """A run folder that `resume=` can continue: it has a state.pt and no checkpoint.pt yet, and
+    (once Hydra runs) it is this run's own folder. Returns the state's path."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoint.pt").exists():
+        raise KDError(f"{run_dir} already finished (it has checkpoint.pt); nothing to resume")
+    if not (run_dir / STATE_FILE).exists():
+        raise KDError(f"{run_dir} has no {STATE_FILE} to resume from (it stopped before its first epoch ended)")
+    if out_dir is not None and run_dir.resolve() != Path(out_dir).resolve():
+        raise KDError(f"resume={run_dir} must run in that folder; drop hydra.run.dir")
+    return run_dir / STATE_FILE
+
+
+def _resume_state(cfg, out_dir):
+    return check_resume(cfg.resume, out_dir) if cfg.get("resume") else None
+
+
+def _setup(stage, cfg, out_dir):
     """Check the values, seed, and load the data: train_x, train_y, test_x, test_y, val (or None)."""
     validate(stage, cfg)
+    _resume_state(cfg, out_dir)
     device = _device(cfg)
     torch.manual_seed(int(cfg.seed))
     limit = cfg.data.get("train_limit")
@@ -124,9 +143,11 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
     """Train, count the final test errors, write checkpoint.pt and metrics.json."""
     train_x, train_y, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
+    state_path = Path(out_dir) / STATE_FILE
     result = train(model, train_x, targets, loss_fn, _recipe(cfg),
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
-                   evaluate=_errors_fn(test_x, test_y, val, batch), desc=stage)
+                   evaluate=_errors_fn(test_x, test_y, val, batch), desc=stage,
+                   state_path=state_path, state_extra={"stage": stage, "teacher": teacher})
     counts = count_errors(predict_logits(model, test_x, batch), test_y)
     if val is not None:
         extra = {**extra, "val_size": int(val[1].numel()),
@@ -144,8 +165,9 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "config": OmegaConf.to_container(cfg, resolve=True), "metrics": metrics}
     if teacher is not None:
-        payload["teacher"] = {"path": teacher["path"], "sha256": teacher["sha256"]}
+        payload["teacher"] = teacher
     save_checkpoint(Path(out_dir) / "checkpoint.pt", payload)
+    state_path.unlink(missing_ok=True)  # finished: the checkpoint supersedes the resumable state
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
     save_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
@@ -155,7 +177,7 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
 
 def _train_on_labels(stage, cfg, out_dir):
     started = time.perf_counter()
-    device, data = _setup(stage, cfg)
+    device, data = _setup(stage, cfg, out_dir)
     model = _model(cfg, device, data[0][0].numel(), 10)
     return _fit_and_save(stage, cfg, out_dir, started, data, model, (data[1],),
                          torch.nn.functional.cross_entropy, {})
@@ -172,8 +194,15 @@ def train_student(cfg, out_dir):
 def distill(cfg, out_dir):
     started = time.perf_counter()
     validate("distill", cfg)  # before looking for a teacher: a bad T is the first thing to report
-    path = resolve_teacher(cfg.teacher)
-    device, data = _setup("distill", cfg)
+    state_path = _resume_state(cfg, out_dir)
+    if state_path is None:
+        path = resolve_teacher(cfg.teacher)
+    else:  # the teacher this run started with, not whichever is newest now
+        recorded = load_checkpoint(state_path)["teacher"]
+        path = Path(recorded["path"])
+        if not path.is_file() or sha256_of(path) != recorded["sha256"]:
+            raise KDError(f"the teacher this run started from, {path}, is gone or changed; cannot resume")
+    device, data = _setup("distill", cfg, out_dir)
     train_x, train_y = data[0], data[1]
     in_features = train_x[0].numel()
     teacher, info = load_teacher(path, device, in_features, 10)
@@ -184,7 +213,8 @@ def distill(cfg, out_dir):
     model = _model(cfg, device, in_features, 10)
     return _fit_and_save("distill", cfg, out_dir, started, data, model, (train_y, targets),
                          lambda z, y, q: distillation_loss(z, y, q, T, alpha),
-                         {"T": T, "alpha": alpha, "teacher": info}, teacher=info)
+                         {"T": T, "alpha": alpha, "teacher": info},
+                         teacher={"path": info["path"], "sha256": info["sha256"]})
 
 
 def evaluate(cfg, out_dir):

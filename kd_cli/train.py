@@ -1,12 +1,17 @@
 """The one training loop every stage uses: in-memory tensors, SGD, a per-step schedule."""
+import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import jitter
 from .errors import KDError
 from .models import apply_max_norm_
@@ -52,45 +57,122 @@ class Recipe:
         return lr, momentum
 
 
+class Interrupted(KDError):
+    """SIGINT or SIGTERM stopped training at a batch boundary, after the state was saved."""
+
+    def __init__(self, signum, epoch, step):
+        self.signal = signal.Signals(signum).name
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        super().__init__(f"stopped by {self.signal} at epoch {epoch + 1}, batch {step}")
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGINT and SIGTERM only ask to stop (at the next batch boundary); a second
+    Ctrl-C stops at once. Yields a list that holds the signal number once one arrived."""
+    requested = []
+
+    def ask(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signal handlers can only be set from the main thread
+        return
+    old = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0, evaluate=None,
-          desc="train"):
+          desc="train", state_path=None, state_extra=None):
     """Train `model` in place on images x [N, 28, 28] and per-image `targets` (a tuple of tensors
     indexed like x), calling loss_fn(logits, *batch_targets). After each epoch `evaluate(model)`
-    gives a dict of error counts, kept in the history and shown on the bar. Returns the history and train_seconds (the loop alone,
-    without evaluation)."""
-    n = x.shape[0]
+    gives a dict of error counts, kept in the history and shown on the bar.
+
+    With `state_path`, the full training state (weights, optimizer, position, every RNG state) is
+    saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
+    exists, training continues from it and ends exactly where an uninterrupted run would.
+    Returns the history and train_seconds (the loop alone, without evaluation)."""
+    n, device = x.shape[0], x.device
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
-    history, train_seconds = [], 0.0
-    bar = tqdm(range(recipe.epochs), desc=desc, unit="epoch", file=sys.stderr, dynamic_ncols=True)
-    for epoch in bar:
-        start = time.perf_counter()
-        model.train()
-        # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
-        perm = torch.randperm(n, device=x.device)
-        xe = jitter(x[perm], jitter_pixels)
-        te = [t[perm] for t in targets]
-        loss_sum = torch.zeros((), device=x.device)  # summed on the device: no sync per step
-        for step in range(steps_per_epoch):
-            lr, momentum = recipe.at(epoch + step / steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"], group["momentum"] = lr, momentum
-            s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-            loss = loss_fn(model(xe[s]), *(t[s] for t in te))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if max_norm:
-                apply_max_norm_(model, max_norm)
-            loss_sum += loss.detach()
-        mean_loss = float(loss_sum) / steps_per_epoch  # the one sync of the epoch
-        train_seconds += time.perf_counter() - start
-        if not math.isfinite(mean_loss):
-            raise KDError(f"training diverged at epoch {epoch + 1} (loss {mean_loss}); lower lr")
-        row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
-        if evaluate is not None:
-            row.update(evaluate(model))
-        history.append(row)
-        bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
-    return {"history": history, "train_seconds": train_seconds}
+    at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    resumed = state_path is not None and Path(state_path).exists()
+    if resumed:
+        state = load_checkpoint(state_path, map_location=device)
+        model.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        at = {k: state[k] for k in at}
+
+    def save(epoch, step, loss_sum, rng_epoch):
+        save_checkpoint(state_path, {
+            **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
+            "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
+            "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
+            "rng": rng_state(device)}, durable=False)
+
+    bar = tqdm(range(at["epoch"], recipe.epochs), desc=desc, unit="epoch", file=sys.stderr,
+               dynamic_ncols=True, initial=at["epoch"], total=recipe.epochs)
+    with stop_requests() as stop:
+        for epoch in bar:
+            start = time.perf_counter()
+            model.train()
+            first_step, loss_sum = 0, torch.zeros((), device=device)  # summed on device: no sync per step
+            if resumed:
+                set_rng_state(state["rng_epoch"] if at["step"] else state["rng"], device)
+            rng_epoch = rng_state(device)  # what re-creates this epoch's shuffle and jitter
+            # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
+            perm = torch.randperm(n, device=device)
+            xe = jitter(x[perm], jitter_pixels)
+            te = [t[perm] for t in targets]
+            if resumed and at["step"]:  # stopped mid-epoch: continue at the batch it stopped before
+                set_rng_state(state["rng"], device)
+                first_step, loss_sum = at["step"], state["loss_sum"]
+            resumed = False
+            for step in range(first_step, steps_per_epoch):
+                if stop:
+                    at["train_seconds"] += time.perf_counter() - start
+                    save(epoch, step, loss_sum, rng_epoch)
+                    raise Interrupted(stop[0], epoch, step)
+                lr, momentum = recipe.at(epoch + step / steps_per_epoch)
+                for group in opt.param_groups:
+                    group["lr"], group["momentum"] = lr, momentum
+                s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
+                loss = loss_fn(model(xe[s]), *(t[s] for t in te))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if max_norm:
+                    apply_max_norm_(model, max_norm)
+                loss_sum += loss.detach()
+            mean_loss = float(loss_sum) / steps_per_epoch  # the one sync of the epoch
+            at["train_seconds"] += time.perf_counter() - start
+            if not math.isfinite(mean_loss):
+                raise KDError(f"training diverged at epoch {epoch + 1} (loss {mean_loss}); lower lr")
+            row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
+            if evaluate is not None:
+                row.update(evaluate(model))
+            at["history"].append(row)
+            if state_path is not None:
+                save(epoch + 1, 0, loss_sum, rng_epoch)
+            bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
+    return {"history": at["history"], "train_seconds": at["train_seconds"]}

@@ -53,5 +53,5 @@ def kd(tmp_path, tiny_root):
         if check and proc.returncode != 0:
             raise AssertionError(f"kd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return proc
-    run.cwd = tmp_path
+    run.cwd, run.root = tmp_path, tiny_root
     return run
