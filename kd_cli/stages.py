@@ -139,7 +139,8 @@ def _errors_fn(test_x, test_y, val, batch_size):
     return errors
 
 
-def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, extra, teacher=None):
+def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, extra, teacher=None,
+                  batch_targets=None):
     """Train, count the final test errors, write checkpoint.pt and metrics.json."""
     train_x, train_y, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
@@ -147,7 +148,8 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
     result = train(model, train_x, targets, loss_fn, _recipe(cfg),
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
                    evaluate=_errors_fn(test_x, test_y, val, batch), desc=stage,
-                   state_path=state_path, state_extra={"stage": stage, "teacher": teacher})
+                   state_path=state_path, state_extra={"stage": stage, "teacher": teacher},
+                   batch_targets=batch_targets)
     counts = count_errors(predict_logits(model, test_x, batch), test_y)
     if val is not None:
         extra = {**extra, "val_size": int(val[1].numel()),
@@ -207,14 +209,19 @@ def distill(cfg, out_dir):
     in_features = train_x[0].numel()
     teacher, info = load_teacher(path, device, in_features, 10)
     T, alpha = float(cfg.T), float(cfg.alpha)
-    # the transfer set is not augmented, so the teacher's soft targets are computed once
-    targets = soft_targets(teacher_logits(teacher, train_x, int(cfg.eval_batch_size)), T)
-    del teacher
+    if int(cfg.data.jitter) == 0:
+        # the transfer set is not augmented, so the teacher's soft targets are computed once
+        fixed = (soft_targets(teacher_logits(teacher, train_x, int(cfg.eval_batch_size)), T),)
+        per_batch = None
+        del teacher
+    else:  # every batch is new: the teacher runs on it, in eval mode and without autograd
+        fixed = ()
+        per_batch = lambda xb: (soft_targets(teacher_logits(teacher, xb), T),)  # noqa: E731
     model = _model(cfg, device, in_features, 10)
-    return _fit_and_save("distill", cfg, out_dir, started, data, model, (train_y, targets),
-                         lambda z, y, q: distillation_loss(z, y, q, T, alpha),
+    return _fit_and_save("distill", cfg, out_dir, started, data, model, (train_y, *fixed),
+                         lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha),
                          {"T": T, "alpha": alpha, "teacher": info},
-                         teacher={"path": info["path"], "sha256": info["sha256"]})
+                         teacher={"path": info["path"], "sha256": info["sha256"]}, batch_targets=per_batch)
 
 
 def evaluate(cfg, out_dir):

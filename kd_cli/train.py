@@ -102,10 +102,12 @@ def set_rng_state(state, device):
 
 
 def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0, evaluate=None,
-          desc="train", state_path=None, state_extra=None):
+          desc="train", state_path=None, state_extra=None, batch_targets=None):
     """Train `model` in place on images x [N, 28, 28] and per-image `targets` (a tuple of tensors
     indexed like x), calling loss_fn(logits, *batch_targets). After each epoch `evaluate(model)`
-    gives a dict of error counts, kept in the history and shown on the bar.
+    gives a dict of error counts, kept in the history and shown on the bar. `batch_targets(xb)`,
+    if given, adds targets computed from each (jittered) batch: a teacher run per batch when the
+    transfer set is augmented.
 
     With `state_path`, the full training state (weights, optimizer, position, every RNG state) is
     saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
@@ -157,7 +159,9 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                 for group in opt.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-                loss = loss_fn(model(xe[s]), *(t[s] for t in te))
+                xb = xe[s]
+                extra = batch_targets(xb) if batch_targets is not None else ()
+                loss = loss_fn(model(xb), *(t[s] for t in te), *extra)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -50,6 +50,9 @@ def test_four_stages_end_to_end(kd):
     assert torch.load(d_dir / "checkpoint.pt", weights_only=True)["teacher"]["sha256"] == d["teacher"]["sha256"]
     assert last_line(distilled) == f"test errors: {d['test_errors']} / 200"
 
+    kd("distill", "data.jitter=1", "epochs=1")  # augmented transfer set: the teacher runs per batch
+    assert metrics_of(run_dirs(kd.cwd, "distill")[-1])["teacher"]["sha256"] == d["teacher"]["sha256"]
+
     evaluated = kd("evaluate", f"checkpoint={d_dir / 'checkpoint.pt'}")
     (e_dir,) = run_dirs(kd.cwd, "evaluate")
     e = metrics_of(e_dir)

@@ -19,9 +19,9 @@ from conftest import KD
 RUN = ["train-teacher", "model.hidden=[128,128]", "epochs=25", "batch_size=15"]
 
 
-def start(kd, run_dir):
+def start(kd, run_dir, args=RUN):
     env = {**os.environ, "KD_DATA_ROOT": str(kd.root)}
-    return subprocess.Popen([KD, *RUN, f"hydra.run.dir={run_dir}"], cwd=kd.cwd, env=env,
+    return subprocess.Popen([KD, *args, f"hydra.run.dir={run_dir}"], cwd=kd.cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,6 +81,21 @@ def test_sigint_and_sigterm_save_at_the_batch_and_say_how_to_resume(kd, untouche
     resumed = kd(RUN[0], f"resume={run_dir}")
     assert resumed.stdout.strip().splitlines()[-1].startswith("test errors: ")
     assert_same_run(run_dir, untouched)
+
+
+def test_a_stopped_distillation_resumes_with_its_own_teacher(kd):
+    kd("train-teacher", "model.hidden=[64]", "epochs=2")
+    args = ["distill", "epochs=15", "batch_size=15", "T=4"]  # no teacher=: the newest one
+    kd(*args, f"hydra.run.dir={kd.cwd / 'whole'}")
+    proc = start(kd, kd.cwd / "stopped", args)
+    wait_for(kd.cwd / "stopped" / "state.pt", proc)
+    time.sleep(random.uniform(0.1, 0.4))
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    kd("train-teacher", "model.hidden=[16]", "epochs=1")  # now the newest: resume must not take it
+    kd("distill", f"resume={kd.cwd / 'stopped'}")
+    assert_same_run(kd.cwd / "stopped", kd.cwd / "whole")
 
 
 def test_resume_refuses_what_it_cannot_continue(kd, untouched):

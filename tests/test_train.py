@@ -68,3 +68,22 @@ def test_partial_last_batch_is_used():
     train(m, x, (y,), lambda z, t: (seen.append(len(t)), z.sum() * 0)[1],
           Recipe(epochs=1, batch_size=32, lr=0.1))
     assert seen == [32, 32, 6]
+
+
+def test_batch_targets_see_the_jittered_batch_the_model_sees():
+    torch.manual_seed(5)
+    x, y = toy(64)
+    seen = []
+
+    class Recorder(MLP):
+        def forward(self, xb):
+            seen.append(xb.clone())
+            return super().forward(xb)
+
+    def loss_fn(z, yb, sums):
+        torch.testing.assert_close(sums, seen[-1].flatten(1).sum(1))
+        return torch.nn.functional.cross_entropy(z, yb)
+
+    train(Recorder(hidden=[8]), x, (y,), loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
+          jitter_pixels=2, batch_targets=lambda xb: (xb.flatten(1).sum(1),))
+    assert len(seen) == 8
