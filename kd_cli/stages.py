@@ -73,6 +73,10 @@ def validate(stage, cfg):
 # ---- shared pieces -------------------------------------------------------------------------------
 
 def _device(cfg):
+    # Flush denormals to zero: as a distilled student grows confident, float32 underflow makes
+    # denormal values that the CPU handles ~2x slower (a distill epoch went from 1.1 s to 2.4 s
+    # on 20k images); results were the same to the last test error.
+    torch.set_flush_denormal(True)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
