@@ -125,12 +125,14 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
         opt.load_state_dict(state["optimizer"])
         at = {k: state[k] for k in at}
 
-    def save(epoch, step, loss_sum, rng_epoch):
+    def save(epoch, step, loss_sum, rng_epoch, mid_epoch):
+        # mid_epoch: this epoch's shuffle and jitter are already drawn (even at step 0, when a stop
+        # came during the previous epoch's evaluation); resuming must redraw them from rng_epoch
         save_checkpoint(state_path, {
             **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
             "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
             "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
-            "rng": rng_state(device)}, durable=False)
+            "mid_epoch": mid_epoch, "rng": rng_state(device)}, durable=False)
 
     bar = tqdm(range(at["epoch"], recipe.epochs), desc=desc, unit="epoch", file=sys.stderr,
                dynamic_ncols=True, initial=at["epoch"], total=recipe.epochs)
@@ -139,21 +141,22 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
             start = time.perf_counter()
             model.train()
             first_step, loss_sum = 0, torch.zeros((), device=device)  # summed on device: no sync per step
+            mid_epoch = resumed and state.get("mid_epoch", at["step"] > 0)
             if resumed:
-                set_rng_state(state["rng_epoch"] if at["step"] else state["rng"], device)
+                set_rng_state(state["rng_epoch"] if mid_epoch else state["rng"], device)
             rng_epoch = rng_state(device)  # what re-creates this epoch's shuffle and jitter
             # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
             perm = torch.randperm(n, device=device)
             xe = jitter(x[perm], jitter_pixels)
             te = [t[perm] for t in targets]
-            if resumed and at["step"]:  # stopped mid-epoch: continue at the batch it stopped before
+            if mid_epoch:  # stopped mid-epoch: continue at the batch it stopped before
                 set_rng_state(state["rng"], device)
                 first_step, loss_sum = at["step"], state["loss_sum"]
             resumed = False
             for step in range(first_step, steps_per_epoch):
                 if stop:
                     at["train_seconds"] += time.perf_counter() - start
-                    save(epoch, step, loss_sum, rng_epoch)
+                    save(epoch, step, loss_sum, rng_epoch, mid_epoch=True)
                     raise Interrupted(stop[0], epoch, step)
                 lr, momentum = recipe.at(epoch + step / steps_per_epoch)
                 for group in opt.param_groups:
@@ -177,6 +180,6 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                 row.update(evaluate(model))
             at["history"].append(row)
             if state_path is not None:
-                save(epoch + 1, 0, loss_sum, rng_epoch)
+                save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     return {"history": at["history"], "train_seconds": at["train_seconds"]}

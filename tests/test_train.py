@@ -44,7 +44,7 @@ def fit(seed, epochs=3, **kw):
     m = MLP(hidden=[32], dropout_hidden=0.2)
     out = train(m, x, (y,), torch.nn.functional.cross_entropy,
                 Recipe(epochs=epochs, batch_size=32, lr=0.1, schedule="cosine"),
-                max_norm=2.0, jitter_pixels=1, evaluate=lambda m: {"test_errors": 0}, **kw)
+                max_norm=2.0, jitter_pixels=1, **{"evaluate": lambda m: {"test_errors": 0}, **kw})
     return m, out
 
 
@@ -87,3 +87,35 @@ def test_batch_targets_see_the_jittered_batch_the_model_sees():
     train(Recorder(hidden=[8]), x, (y,), loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
           jitter_pixels=2, batch_targets=lambda xb: (xb.flatten(1).sum(1),))
     assert len(seen) == 8
+
+
+@pytest.mark.parametrize("stop_during", ["evaluation", "batch"])
+def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
+    """A signal can land while an epoch's errors are counted (the stop then happens at step 0 of
+    the next epoch, after its shuffle was drawn) or between batches; either way the resumed run
+    must end where an untouched one does."""
+    import os
+    import signal
+
+    from kd_cli.train import Interrupted
+
+    untouched, ref = fit(0, epochs=4)
+    calls = []
+
+    def signal_once(step_or_epoch):
+        calls.append(step_or_epoch)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by train(): a stop request
+
+    state = tmp_path / "state.pt"
+    kw = {"state_path": state, "state_extra": {"stage": "train-teacher"}}
+    if stop_during == "evaluation":
+        kw["evaluate"] = lambda m: (signal_once(m), {"test_errors": 0})[1]
+    else:
+        kw["batch_targets"] = lambda xb: (signal_once(xb), ())[1]
+    with pytest.raises(Interrupted):
+        fit(0, epochs=4, **kw)
+    resumed, out = fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"})
+    for a, b in zip(resumed.parameters(), untouched.parameters()):
+        assert torch.equal(a, b)
+    assert [r["loss"] for r in out["history"]] == [r["loss"] for r in ref["history"]]
