@@ -61,3 +61,33 @@ def jitter(images, max_shift):
         idx = (shift == k).nonzero().squeeze(1)
         out[idx] = padded[idx, dy:dy + h, dx:dx + w]
     return out
+
+
+def transfer_set(x, y, exclude=(), include=None, fraction=1.0, seed=0, num_classes=10):
+    """The images a student learns from: classes in `include` (all when None) minus `exclude`,
+    then a stratified `fraction` of each kept class, drawn with its own seeded generator (so the
+    same subset whatever the run's seed, and the global RNG is untouched). Training images keep
+    their order. Returns (x, y, info) where info records the classes and the size."""
+    exclude = sorted({int(c) for c in exclude})
+    include = None if include is None else sorted({int(c) for c in include})
+    for name, classes in (("exclude", exclude), ("include", include or [])):
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise KDError(f"data.transfer.{name} has classes {bad} outside 0..{num_classes - 1}")
+    kept = [c for c in (include if include is not None else range(num_classes)) if c not in exclude]
+    if not kept:
+        raise KDError("data.transfer.include/exclude leave no class to train on")
+    gen = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for c in kept:
+        idx = (y == c).nonzero().squeeze(1).cpu()
+        if fraction < 1:
+            take = max(1, round(fraction * idx.numel())) if idx.numel() else 0
+            idx = idx[torch.randperm(idx.numel(), generator=gen)[:take]]
+        picked.append(idx)
+    keep = torch.cat(picked).sort().values.to(x.device)
+    if keep.numel() == 0:
+        raise KDError("the transfer set is empty: no training image has the kept classes")
+    info = {"classes": kept, "size": int(keep.numel()), "exclude": exclude, "include": include,
+            "fraction": float(fraction), "seed": int(seed)}
+    return x[keep], y[keep], info

@@ -6,9 +6,9 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, save_checkpoint, save_json, sha256_of
-from .data import load_mnist, split_validation
+from .data import load_mnist, split_validation, transfer_set
 from .errors import KDError
-from .evaluate import count_errors, predict_logits
+from .evaluate import count_errors, errors_on, fit_bias_shift, predict_logits, shift_biases
 from .losses import distillation_loss, soft_targets
 from .models import MLP, build_mlp
 from .teachers import load_teacher, resolve_teacher, teacher_logits
@@ -42,8 +42,10 @@ def validate(stage, cfg):
         raise KDError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise KDError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-    if stage == "evaluate" and OmegaConf.is_missing(cfg, "checkpoint"):
-        raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
+    if stage == "evaluate":
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
+        _validate_bias(cfg)
     if stage not in TRAINING_STAGES:
         return
     hidden = cfg.model.hidden
@@ -60,6 +62,7 @@ def validate(stage, cfg):
     _number(cfg, "data.val_size", lambda v: v >= 0, "an integer >= 0", int)
     if cfg.data.train_limit is not None:
         _number(cfg, "data.train_limit", lambda v: v >= 1, "null or an integer >= 1", int)
+    _validate_transfer(cfg)
     if cfg.optim.schedule not in SCHEDULES:
         raise KDError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
     for key in ("optim.momentum", "optim.momentum_start"):
@@ -68,6 +71,35 @@ def validate(stage, cfg):
         _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
         _number(cfg, "alpha", lambda v: 0 <= v <= 1,
                 "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
+
+
+def _class_list(value, key, allow_null=False):
+    if value is None and allow_null:
+        return None
+    if not OmegaConf.is_list(value) or not all(isinstance(c, int) and 0 <= c <= 9 for c in value):
+        raise KDError(f"{key} must be a list of digits 0..9, e.g. {key}=[3], got {value!r}")
+    return list(value)
+
+
+def _validate_transfer(cfg):
+    if cfg.data.get("transfer") is None:
+        return
+    _class_list(cfg.data.transfer.exclude, "data.transfer.exclude")
+    _class_list(cfg.data.transfer.include, "data.transfer.include", allow_null=True)
+    _number(cfg, "data.transfer.fraction", lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.03")
+    _number(cfg, "data.transfer.seed", lambda v: True, "an integer", int)
+
+
+def _validate_bias(cfg):
+    shift = cfg.get("bias_shift")
+    if shift is not None and (not OmegaConf.is_dict(shift) or not all(
+            isinstance(k, int) and 0 <= k <= 9 and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in shift.items())):
+        raise KDError(f"bias_shift must map digits to numbers, e.g. 'bias_shift={{3:3.5}}', got {shift!r}")
+    if cfg.get("fit_bias"):
+        _class_list(cfg.fit_bias, "fit_bias")
+        if shift:
+            raise KDError("give bias_shift or fit_bias, not both")
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
@@ -100,7 +132,8 @@ def _resume_state(cfg, out_dir):
 
 
 def _setup(stage, cfg, out_dir):
-    """Check the values, seed, and load the data: train_x, train_y, test_x, test_y, val (or None)."""
+    """Check the values, seed, and load the data: (train_x, train_y, test_x, test_y, val or None),
+    the training part cut down to the transfer set, and what that transfer set is."""
     validate(stage, cfg)
     _resume_state(cfg, out_dir)
     device = _device(cfg)
@@ -114,7 +147,10 @@ def _setup(stage, cfg, out_dir):
             raise KDError(f"data.val_size={cfg.data.val_size} leaves no training images "
                           f"(there are {train_x.shape[0]})")
         train_x, train_y, *val = split_validation(train_x, train_y, int(cfg.data.val_size))
-    return device, (train_x, train_y, test_x, test_y, val)
+    t = cfg.data.transfer
+    train_x, train_y, transfer = transfer_set(train_x, train_y, t.exclude, t.include,
+                                              float(t.fraction), int(t.seed))
+    return device, (train_x, train_y, test_x, test_y, val), transfer
 
 
 def _recipe(cfg):
@@ -183,10 +219,10 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
 
 def _train_on_labels(stage, cfg, out_dir):
     started = time.perf_counter()
-    device, data = _setup(stage, cfg, out_dir)
+    device, data, transfer = _setup(stage, cfg, out_dir)
     model = _model(cfg, device, data[0][0].numel(), 10)
     return _fit_and_save(stage, cfg, out_dir, started, data, model, (data[1],),
-                         torch.nn.functional.cross_entropy, {})
+                         torch.nn.functional.cross_entropy, {"transfer": transfer})
 
 
 def train_teacher(cfg, out_dir):
@@ -208,7 +244,7 @@ def distill(cfg, out_dir):
         path = Path(recorded["path"])
         if not path.is_file() or sha256_of(path) != recorded["sha256"]:
             raise KDError(f"the teacher this run started from, {path}, is gone or changed; cannot resume")
-    device, data = _setup("distill", cfg, out_dir)
+    device, data, transfer = _setup("distill", cfg, out_dir)
     train_x, train_y = data[0], data[1]
     in_features = train_x[0].numel()
     teacher, info = load_teacher(path, device, in_features, 10)
@@ -222,10 +258,63 @@ def distill(cfg, out_dir):
         fixed = ()
         per_batch = lambda xb: (soft_targets(teacher_logits(teacher, xb), T),)  # noqa: E731
     model = _model(cfg, device, in_features, 10)
-    return _fit_and_save("distill", cfg, out_dir, started, data, model, (train_y, *fixed),
-                         lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha),
-                         {"T": T, "alpha": alpha, "teacher": info},
+    if alpha > 0:
+        targets, loss_fn = (train_y, *fixed), lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha)
+    else:  # an unlabeled transfer set: the labels are not even handed to the loop
+        targets, loss_fn = fixed, lambda z, log_p: distillation_loss(z, None, log_p, T, 0.0)
+    return _fit_and_save("distill", cfg, out_dir, started, data, model, targets, loss_fn,
+                         {"T": T, "alpha": alpha, "teacher": info, "transfer": transfer},
                          teacher={"path": info["path"], "sha256": info["sha256"]}, batch_targets=per_batch)
+
+
+def _validation_for(cfg, ckpt, device):
+    """The validation split to fit a bias shift on: the one the checkpoint's run held out (same
+    fixed split), or data.val_size=N given here. Never the test set."""
+    trained = (ckpt.get("config") or {}).get("data") or {}
+    trained_val = int(trained.get("val_size") or 0)
+    val_size = int(cfg.data.val_size) or trained_val
+    if not val_size:
+        raise KDError("fit_bias fits on a validation split, and this checkpoint was trained on the whole "
+                      "training set: train it with data.val_size=10000, or pass data.val_size=N here "
+                      "(those images were then seen in training)")
+    limit = cfg.data.train_limit if cfg.data.train_limit is not None else trained.get("train_limit")
+    train_x, train_y, _, _ = load_mnist(cfg.data.root, cfg.data.download, device,
+                                        None if limit is None else int(limit))
+    if val_size >= train_x.shape[0]:
+        raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
+    _, _, val_x, val_y = split_validation(train_x, train_y, val_size)
+    return val_x, val_y, val_size == trained_val
+
+
+def _bias_correction(cfg, ckpt, model, device, test_logits, test_y, batch):
+    """Apply bias_shift, or fit one shift for the fit_bias classes on validation data; returns the
+    shifted test logits and a record of the errors before and after."""
+    shift = {int(k): float(v) for k, v in (cfg.get("bias_shift") or {}).items()}
+    record = {}
+    if cfg.get("fit_bias"):
+        classes = sorted(int(c) for c in cfg.fit_bias)
+        val_x, val_y, held_out = _validation_for(cfg, ckpt, device)
+        val_logits = predict_logits(model, val_x, batch)
+        value, val_after = fit_bias_shift(val_logits, val_y, classes)
+        shift = {c: value for c in classes}
+        record = {"fitted_on": "validation split", "val_size": int(val_y.numel()),
+                  "val_held_out_from_training": held_out,
+                  "val_errors_before": count_errors(val_logits, val_y)["test_errors"],
+                  "val_errors_after": val_after}
+    classes = sorted(shift)
+
+    def summary(logits):
+        counts = count_errors(logits, test_y)
+        return {"test_errors": counts["test_errors"], "per_class_errors": counts["per_class_errors"],
+                "on_shifted_classes": errors_on(counts, classes, test_y)}
+
+    shifted = shift_biases(test_logits, shift)
+    before, after = summary(test_logits), summary(shifted)
+    print(f"bias shift {', '.join(f'{c}: {v:+.2f}' for c, v in shift.items())}"
+          f"{' (fitted on the validation split)' if record else ''}: test errors {before['test_errors']} -> "
+          f"{after['test_errors']}; on classes {classes} ({after['on_shifted_classes']['images']} images) "
+          f"{before['on_shifted_classes']['errors']} -> {after['on_shifted_classes']['errors']}", flush=True)
+    return shifted, {"shift": {str(c): v for c, v in shift.items()}, **record, "before": before, "after": after}
 
 
 def evaluate(cfg, out_dir):
@@ -242,10 +331,15 @@ def evaluate(cfg, out_dir):
     except RuntimeError as e:
         raise KDError(f"{cfg.checkpoint}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
     model.to(device)
-    counts = count_errors(predict_logits(model, test_x, int(cfg.eval_batch_size)), test_y)
+    batch = int(cfg.eval_batch_size)
+    logits = predict_logits(model, test_x, batch)
+    extra = {}
+    if cfg.get("bias_shift") or cfg.get("fit_bias"):
+        logits, extra["bias"] = _bias_correction(cfg, ckpt, model, device, logits, test_y, batch)
+    counts = count_errors(logits, test_y)
     metrics = {"stage": "evaluate", **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
                "checkpoint": str(Path(cfg.checkpoint).resolve()), "checkpoint_stage": ckpt["stage"],
-               "arch": ckpt["arch"], "seed": int(cfg.seed), "device": str(device),
+               "arch": ckpt["arch"], "seed": int(cfg.seed), "device": str(device), **extra,
                "wall_seconds": round(time.perf_counter() - started, 3)}
     save_json(Path(out_dir) / "metrics.json", metrics)
     return metrics

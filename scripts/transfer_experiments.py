@@ -1,0 +1,142 @@
+"""The paper's transfer-set experiments on MNIST, measured, each one command:
+
+    python scripts/transfer_experiments.py omit3        # digit 3 left out; the 3-bias shifted
+    python scripts/transfer_experiments.py only78       # only 7s and 8s; their biases shifted
+    python scripts/transfer_experiments.py little_data  # 3% of the data: hard labels vs soft targets
+    python scripts/transfer_experiments.py width_vs_T   # T in 1..20 for students of 800, 300, 30 units
+    python scripts/transfer_experiments.py all --teacher outputs/train-teacher/<stamp>/checkpoint.pt
+
+Runs the installed `kd` (the experiment= presets of conf/experiment/ and one `kd distill -m` sweep)
+into outputs/transfer/<stamp>/<experiment>/, and writes each experiment's Markdown table, paper
+beside ours, to <experiment>/table.md (printed too). Bias shifts are fitted on the validation split
+the presets hold out (data.val_size=10000), never on the test set. --extra adds overrides to every
+run (e.g. "epochs=1 data.train_limit=12000" for a smoke run).
+"""
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
+WIDTHS = [800, 300, 30]
+
+
+def kd(stage, run_dir, *overrides):
+    cmd = ["kd", stage, *overrides, f"hydra.run.dir={run_dir}"]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def best_on_validation(metrics):
+    """Test errors at the epoch with the fewest validation errors (early stopping chosen on
+    held-out training images, as one would without a test set)."""
+    row = min(metrics["history"], key=lambda r: (r["val_errors"], -r["epoch"]))
+    return row["test_errors"], row["epoch"]
+
+
+def bias_experiment(out, extra, teacher, preset, classes, paper_shift, paper, show):
+    """Distill with a transfer-set preset, then evaluate with the paper's bias shift and with one
+    fitted on the validation split. `show(bias_record, 'before'|'after')` formats one cell."""
+    d = kd("distill", out / "distilled", f"experiment={preset}", *teacher, *extra)
+    ckpt = out / "distilled" / "checkpoint.pt"
+    given = kd("evaluate", out / "paper-shift", f"checkpoint={ckpt}",
+               "bias_shift={" + ",".join(f"{c}:{paper_shift}" for c in classes) + "}")["bias"]
+    fitted = kd("evaluate", out / "fitted-shift", f"checkpoint={ckpt}",
+                f"fit_bias=[{','.join(map(str, classes))}]")["bias"]
+    biases = " and ".join(f"{c}" for c in classes) + f"-bias{'es' if len(classes) > 1 else ''}"
+    return [
+        f"| distilled, transfer set `experiment={preset}` | paper | ours |", "| --- | --- | --- |",
+        f"| test errors | {paper[0]} | {show(given, 'before')} |",
+        f"| {biases} {paper_shift:+g} (the paper's value) | {paper[1]} | {show(given, 'after')} |",
+        f"| {biases} {float(fitted['shift'][str(classes[0])]):+.2f}, fitted on the validation split | - | "
+        f"{show(fitted, 'after')} |",
+        "", f"Transfer set: {d['transfer']['size']} images, classes {d['transfer']['classes']}; "
+            f"T={d['T']:g}, alpha={d['alpha']:g}; validation errors {fitted['val_errors_before']} -> "
+            f"{fitted['val_errors_after']} of {fitted['val_size']}; distill wall {d['wall_seconds']:.0f} s."]
+
+
+def omit3(out, extra, teacher):
+    def show(b, k):
+        return f"{b[k]['test_errors']} ({b[k]['on_shifted_classes']['errors']} of {b[k]['on_shifted_classes']['images']} 3s)"
+    return bias_experiment(out, extra, teacher, "omit3", [3], 3.5, ["206 (133 of 1010 3s)", "109 (14 of 1010 3s)"], show)
+
+
+def only78(out, extra, teacher):
+    def show(b, k):
+        return f"{b[k]['test_errors'] / 100:.1f}% ({b[k]['test_errors']} errors)"  # of the 10,000 test images
+    return bias_experiment(out, extra, teacher, "only78", [7, 8], -7.6, ["47.3%", "13.2%"], show)
+
+
+def little_data(out, extra, teacher):
+    runs = {
+        "hard labels, 3% of the training set": kd("train-student", out / "hard-3pct", "experiment=little_data", *extra),
+        "soft targets only (alpha=0), 3%": kd("distill", out / "soft-3pct", "experiment=little_data", "alpha=0",
+                                              *teacher, *extra),
+        "hard labels, 100% of the training set": kd("train-student", out / "hard-100pct", "data.val_size=10000", *extra),
+    }
+    lines = ["| 784-800-800-10 student | images | epochs | test errors, last epoch | test errors at the best validation epoch |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, m in runs.items():
+        errors, epoch = best_on_validation(m)
+        lines.append(f"| {name} | {m['transfer']['size']} | {m['epochs']} | {m['test_errors']} | {errors} (epoch {epoch}) |")
+    soft = runs["soft targets only (alpha=0), 3%"]
+    lines += ["", f"Paper (speech, frame accuracy): 3% hard 44.5%, 3% soft 57.0%, 100% hard 58.9%. Soft: T={soft['T']:g}."]
+    return lines
+
+
+def width_vs_T(out, extra, teacher):
+    sweep = out / "sweep"
+    ts, widths = ",".join(f"{t:g}" for t in WIDTH_TS), ",".join(f"[{w},{w}]" for w in WIDTHS)
+    cmd = ["kd", "distill", "-m", f"T={ts}", f"model.hidden={widths}", *teacher, *extra,
+           f"hydra.sweep.dir={sweep}"]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    hard_cmd = ["kd", "train-student", "-m", f"model.hidden={widths}", *extra, f"hydra.sweep.dir={out / 'hard'}"]
+    print("+", shlex.join(hard_cmd), flush=True)
+    subprocess.run(hard_cmd, check=True)
+    table, hard = {}, {}
+    for f in sweep.glob("*/metrics.json"):
+        m = json.loads(f.read_text())
+        table[(m["arch"]["hidden"][0], m["T"])] = m["test_errors"]
+    for f in (out / "hard").glob("*/metrics.json"):
+        m = json.loads(f.read_text())
+        hard[m["arch"]["hidden"][0]] = m["test_errors"]
+    lines = ["| units per layer | hard labels | " + " | ".join(f"T={t:g}" for t in WIDTH_TS) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in WIDTH_TS) + " |"]
+    for w in WIDTHS:
+        row = [table.get((w, float(t)), "-") for t in WIDTH_TS]
+        best = min((v for v in row if v != "-"), default=None)
+        cells = [f"**{v}**" if v == best else str(v) for v in row]
+        lines.append(f"| {w} | {hard.get(w, '-')} | " + " | ".join(cells) + " |")
+    return lines + ["", "Test errors of 784-w-w-10 students distilled with alpha=0.1 (bold: fewest per width). "
+                        "Paper: >= 300 units, all T above 8 similar; 30 units, T in 2.5-4 best."]
+
+
+EXPERIMENTS = {"omit3": omit3, "only78": only78, "little_data": little_data, "width_vs_T": width_vs_T}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiments", nargs="+", choices=[*EXPERIMENTS, "all"])
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: kd's newest teacher)")
+    ap.add_argument("--extra", default="", help="overrides added to every run")
+    ap.add_argument("--out", default=None, help="default outputs/transfer/<stamp>")
+    args = ap.parse_args()
+    out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    teacher = [f"teacher={Path(args.teacher).resolve()}"] if args.teacher else []
+    names = list(EXPERIMENTS) if "all" in args.experiments else args.experiments
+    for name in names:
+        started = time.time()
+        lines = EXPERIMENTS[name](out / name, shlex.split(args.extra), teacher)
+        lines.append(f"Wall time of the whole experiment: {(time.time() - started) / 60:.1f} min.")
+        text = "\n".join(lines)
+        print(f"\n## {name}\n{text}\n", flush=True)
+        (out / name / "table.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Transfer-set controls and bias correction (the paper's omitted-class and little-data studies)."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from kd_cli import stages
+from kd_cli.data import transfer_set
+from kd_cli.errors import KDError
+from kd_cli.evaluate import errors_on, fit_bias_shift, shift_biases
+from kd_cli.models import MLP
+
+from conftest import KD, write_idx
+
+
+def labels_with_counts(counts):
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return y[torch.randperm(y.numel(), generator=torch.Generator().manual_seed(1))]
+
+
+def test_exclude_and_include_keep_exactly_those_classes_in_order():
+    y = labels_with_counts([30] * 10)
+    x = torch.arange(300.).view(300, 1, 1).expand(300, 2, 2)  # each image remembers its index
+    xe, ye, info = transfer_set(x, y, exclude=[3])
+    assert 3 not in ye.tolist() and ye.numel() == 270 and info["classes"] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert torch.all(xe[1:, 0, 0] > xe[:-1, 0, 0])  # training images keep their order
+    assert torch.equal(y[xe[:, 0, 0].long()], ye)  # and their labels
+    _, yi, info = transfer_set(x, y, include=[7, 8])
+    assert sorted(set(yi.tolist())) == [7, 8] and info["size"] == 60
+    _, yb, _ = transfer_set(x, y, include=[7, 8], exclude=[8])
+    assert set(yb.tolist()) == {7}
+    with pytest.raises(KDError, match="no class"):
+        transfer_set(x, y, include=[3], exclude=[3])
+
+
+def test_fraction_is_stratified_and_seeded():
+    counts = [100, 200, 50, 400, 100, 100, 100, 100, 100, 100]
+    y = labels_with_counts(counts)
+    x = torch.arange(float(y.numel())).view(-1, 1, 1)
+    xa, ya, info = transfer_set(x, y, fraction=0.1, seed=0)
+    assert torch.bincount(ya, minlength=10).tolist() == [round(0.1 * n) for n in counts]
+    assert info["size"] == ya.numel() == 135
+    xb, _, _ = transfer_set(x, y, fraction=0.1, seed=0)
+    xc, _, _ = transfer_set(x, y, fraction=0.1, seed=1)
+    assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    transfer_set(x, y, fraction=0.5, seed=3)
+    assert torch.equal(before, torch.get_rng_state())  # the run's own RNG stream is untouched
+    _, y1, _ = transfer_set(x, y, fraction=0.001)
+    assert torch.bincount(y1, minlength=10).tolist() == [1] * 10  # never a class with no image
+
+
+@pytest.fixture
+def compose_cfg(tiny_root):
+    def make(stage, *overrides):
+        with initialize_config_module("kd_cli.conf", version_base="1.3"):
+            return compose(stage.replace("-", "_"), overrides=[
+                f"data.root={tiny_root}", "data.download=false", "model.hidden=[16]", "epochs=2",
+                "batch_size=50", *overrides])
+    return make
+
+
+def run(stage, cfg, out_dir):
+    out_dir.mkdir()  # Hydra makes the run folder; here the stage function is called directly
+    return stages.STAGES[stage](cfg, out_dir)
+
+
+@pytest.fixture
+def seen_by_loss(monkeypatch):
+    """Every target tensor the training loop hands the loss, batch by batch."""
+    seen = []
+    real = stages.train
+
+    def spy(model, x, targets, loss_fn, recipe, **kw):
+        def recording(z, *t):
+            seen.append(t)
+            return loss_fn(z, *t)
+        return real(model, x, targets, recording, recipe, **kw)
+
+    monkeypatch.setattr(stages, "train", spy)
+    return seen
+
+
+def test_an_excluded_class_never_reaches_the_loss(compose_cfg, seen_by_loss, tmp_path):
+    teacher = run("train-teacher", compose_cfg("train-teacher", "epochs=1"), tmp_path / "t")
+    assert teacher["transfer"]["size"] == 600
+    seen_by_loss.clear()
+    ckpt = tmp_path / "t" / "checkpoint.pt"
+    m = run("distill", compose_cfg("distill", f"teacher={ckpt}", "data.transfer.exclude=[3]"), tmp_path / "d")
+    labels = torch.cat([t[0] for t in seen_by_loss])
+    assert labels.numel() == 2 * m["transfer"]["size"] and 3 not in labels.tolist()
+    assert m["transfer"]["classes"] == [0, 1, 2, 4, 5, 6, 7, 8, 9] and m["transfer"]["size"] < 600
+    soft = torch.cat([t[1] for t in seen_by_loss])
+    assert soft.shape == (labels.numel(), 10)  # soft targets of the transfer images only
+    seen_by_loss.clear()
+    m = run("train-student", compose_cfg("train-student", "data.transfer.include=[7,8]"), tmp_path / "s")
+    assert set(torch.cat([t[0] for t in seen_by_loss]).tolist()) == {7, 8}
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["transfer"]["include"] == [7, 8]
+
+
+def test_alpha_zero_never_hands_the_labels_to_the_loss(compose_cfg, seen_by_loss, tmp_path):
+    run("train-teacher", compose_cfg("train-teacher", "epochs=1"), tmp_path / "t")
+    seen_by_loss.clear()
+    run("distill", compose_cfg("distill", f"teacher={tmp_path / 't' / 'checkpoint.pt'}", "alpha=0"), tmp_path / "d")
+    assert seen_by_loss and all(len(t) == 1 and t[0].is_floating_point() for t in seen_by_loss)
+
+
+@pytest.mark.parametrize("stage", ["distill", "train-student"])
+def test_experiment_presets_compose(compose_cfg, stage):
+    cfg = compose_cfg(stage, "experiment=omit3")
+    assert list(cfg.data.transfer.exclude) == [3] and cfg.data.val_size == 10000
+    assert list(compose_cfg(stage, "experiment=only78").data.transfer.include) == [7, 8]
+    assert compose_cfg(stage, "experiment=little_data").data.transfer.fraction == 0.03
+
+
+def test_a_bias_shift_is_a_shift_of_the_output_bias():
+    torch.manual_seed(0)
+    model, x = MLP(hidden=[8]).eval(), torch.rand(20, 28, 28)
+    logits = model(x).detach()
+    with torch.no_grad():
+        model.out.bias[3] += 3.5
+        model.out.bias[7] -= 1.0
+    torch.testing.assert_close(shift_biases(logits, {3: 3.5, 7: -1.0}), model(x).detach())
+
+
+def test_fit_finds_a_known_shift():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=g)
+    # right answer by a margin of 1 (+ noise below 0.2), then class 3 pushed down by exactly 5:
+    # any shift in about (4.2, 5.8) makes no errors, and the fit takes the middle of that range
+    logits = torch.nn.functional.one_hot(labels, 10).float() + 0.2 * torch.rand(2000, 10, generator=g)
+    logits[:, 3] -= 5
+    shift, errors = fit_bias_shift(logits, labels, [3])
+    assert errors == 0 and abs(shift - 5) < 0.3
+    counts = {"per_class_errors": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
+    assert errors_on(counts, [3, 7], labels)["errors"] == 10
+    assert errors_on(counts, [3, 7], labels)["images"] == int(((labels == 3) | (labels == 7)).sum())
+    # two classes share one shift, as the paper's -7.6 on both the 7- and 8-bias
+    logits[:, 3] += 5
+    logits[:, [7, 8]] += 3
+    shift, errors = fit_bias_shift(logits, labels, [7, 8])
+    assert errors == 0 and abs(shift + 3) < 0.3
+
+
+def test_fitting_the_bias_never_reads_the_test_set(kd, tiny_root, tmp_path):
+    """The same student, evaluated against two data roots that differ only in their test set,
+    fits the same shift on the same validation errors; only the test errors differ."""
+    kd("train-student", "model.hidden=[16]", "epochs=3", "data.val_size=200", "data.transfer.exclude=[3]",
+       f"hydra.run.dir={tmp_path / 'student'}")
+    other = tmp_path / "other-root"
+    shutil.copytree(tiny_root, other)
+    rng = np.random.default_rng(7)
+    raw = other / "MNIST" / "raw"
+    write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (200, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 200))
+    results = []
+    for root in (tiny_root, other):
+        run_dir = tmp_path / f"eval-{root.name}"
+        env = {**os.environ, "KD_DATA_ROOT": str(root)}
+        subprocess.run([KD, "evaluate", f"checkpoint={tmp_path / 'student' / 'checkpoint.pt'}", "fit_bias=[3]",
+                        f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, check=True, capture_output=True)
+        results.append(json.loads((run_dir / "metrics.json").read_text()))
+    a, b = (r["bias"] for r in results)
+    assert a["shift"] == b["shift"] and a["val_errors_after"] == b["val_errors_after"]
+    assert a["val_size"] == 200 and a["val_held_out_from_training"]
+    assert a["before"]["test_errors"] != b["before"]["test_errors"]  # the test sets did differ
+    assert a["after"]["on_shifted_classes"]["errors"] <= a["before"]["on_shifted_classes"]["errors"]
+
+
+def test_fit_bias_needs_a_validation_split(kd):
+    kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={kd.cwd / 's'}")
+    proc = kd("evaluate", f"checkpoint={kd.cwd / 's' / 'checkpoint.pt'}", "fit_bias=[3]", check=False)
+    assert proc.returncode == 2 and "data.val_size" in proc.stderr and "Traceback" not in proc.stderr
