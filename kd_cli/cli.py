@@ -1,5 +1,6 @@
 """`kd <stage> [key=value ...]`: argv[1] picks the stage, the rest goes to Hydra."""
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ STAGES = {
     "distill": ("distill", "train the student on the teacher's soft targets at temperature T"),
     "evaluate": ("evaluate", "count a checkpoint's test errors: total, per class, confusion matrix"),
 }
+REPORT_HELP = "sweep or run folders -> report.md, report.csv and a plot of test errors vs T"
 
 USAGE = """usage: kd <stage> [key=value ...] [-m] [--help] [--cfg job]
 
@@ -24,13 +26,28 @@ stages:
 
 Each run writes checkpoint.pt, metrics.json and .hydra/ under outputs/<stage>/<timestamp>/ and
 ends by printing its test errors. `kd <stage> --help` lists that stage's keys;
-`kd <stage> -m key=a,b` sweeps. Data: set KD_DATA_ROOT to the folder that holds MNIST/raw.
+`kd <stage> -m key=a,b` sweeps (in parallel: hydra/launcher=joblib); `kd report <sweep dir>`
+tabulates and plots one. Data: set KD_DATA_ROOT to the folder that holds MNIST/raw.
 """
 
 # Hydra flags that only print or inspect: no run, so no value checks before them
 INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--shell-completion", "-sc")
 
-_failures = []  # user errors of multirun jobs, reported once the sweep ends
+ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason, in its folder (kd report reads it)
+_sweeps = []  # the sweep folder of a finished multirun (set by SweepEnd, in the launching process)
+
+
+class SweepEnd:
+    """Hydra callback: once every job of a sweep ended (whichever launcher ran them, in whatever
+    processes), remember the sweep folder so kd can report on it and exit non-zero on failures."""
+
+    def on_multirun_end(self, config, **kwargs):
+        _sweeps.append(Path(config.hydra.sweep.dir))
+
+    def __getattr__(self, name):  # Hydra's other hooks: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
 
 def _fail(message):
@@ -112,6 +129,19 @@ def check_overrides(stage, config_name, overrides):
             validate(stage, trial)
 
 
+def _share_cores(hc):
+    """Jobs that run side by side (the joblib launcher's n_jobs) split the cores between them
+    instead of each starting one torch thread per core and fighting over them."""
+    from omegaconf import OmegaConf
+
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if hc.get("launcher") else None
+    if isinstance(n_jobs, int) and n_jobs != 1:
+        import torch
+
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(1 if n_jobs < 1 else max(1, cores // n_jobs))
+
+
 def _task(stage):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -121,6 +151,7 @@ def _task(stage):
 
     def run(cfg):
         hc = HydraConfig.get()
+        _share_cores(hc)
         try:
             metrics = stages.STAGES[stage](cfg, hc.runtime.output_dir)
         except Interrupted as e:  # state saved: say how to continue, and end the whole sweep
@@ -129,7 +160,7 @@ def _task(stage):
         except KDError as e:
             if hc.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
                 logging.getLogger("kd").error("job %s failed: %s", hc.job.num, e)
-                _failures.append(f"job {hc.job.num} ({hc.job.override_dirname}): {e}")
+                Path(hc.runtime.output_dir, ERROR_FILE).write_text(f"{e}\n")
                 return None
             _fail(str(e))
             sys.exit(2)
@@ -142,9 +173,12 @@ def _task(stage):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(stages="\n".join(f"  {s:<14} {d}" for s, (_, d) in STAGES.items())))
+        lines = [f"  {s:<14} {d}" for s, (_, d) in STAGES.items()] + [f"  {'report':<14} {REPORT_HELP}"]
+        print(USAGE.format(stages="\n".join(lines)))
         return 0
     stage, overrides = argv[0], argv[1:]
+    if stage == "report":
+        return report_main(overrides)
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (kd --help)")
         return 2
@@ -165,9 +199,41 @@ def main(argv=None):
     except KeyboardInterrupt:
         _fail("interrupted; this run wrote no checkpoint (checkpoints are only ever written whole)")
         return 130
-    if _failures:
-        _fail(f"{len(_failures)} job(s) of the sweep failed:\n  " + "\n  ".join(_failures))
-        return 1
+    for sweep in _sweeps:
+        failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
+        _report_quietly(sweep)
+        if failed:
+            _fail(f"{len(failed)} job(s) of the sweep failed:\n  " + "\n  ".join(
+                f"{f.parent.name}: {f.read_text().strip()}" for f in failed))
+            return 1
+    return 0
+
+
+def _report_quietly(sweep):
+    from .report import report
+
+    try:
+        report([sweep])
+        print(f"sweep report: {sweep / 'report.md'}", flush=True)
+    except Exception as e:  # a report is a convenience: it never fails the sweep
+        _fail(f"could not write the sweep report ({e}); try kd report {sweep}")
+
+
+def report_main(args):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="kd report", description=REPORT_HELP + ". Lists every job: done, "
+                                 "failed (with its last error line), stopped (resumable) or unfinished.")
+    ap.add_argument("paths", nargs="+", help="sweep folders (outputs/<stage>-sweep/<stamp>) or run folders")
+    ap.add_argument("--out", help="where report.md/.csv/.png go (default: the first path)")
+    args = ap.parse_args(args)
+    from .report import report
+
+    try:
+        print(report(args.paths, args.out))
+    except KDError as e:
+        _fail(str(e))
+        return 2
     return 0
 
 

@@ -1,0 +1,176 @@
+"""Sweep (or run) folders -> one table (report.md, report.csv) and plots (test errors vs T).
+
+Every folder with a .hydra/ below the given paths is a job. A job is `done` (it has metrics.json),
+`failed` (error.txt, written when a sweep job fails, or an ERROR line in its log), `stopped` (a
+state.pt to resume from) or `unfinished` (killed before its first epoch ended, or still running).
+No job is dropped: the table lists them all.
+"""
+import csv
+import json
+import math
+import statistics
+from itertools import groupby
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .errors import KDError
+
+SEED = "seed"
+
+
+def find_jobs(paths):
+    jobs = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise KDError(f"{p} is not a folder; kd report takes sweep or run folders")
+        jobs += [h.parent for h in sorted(p.rglob(".hydra")) if h.is_dir()]
+    if not jobs:
+        raise KDError(f"no kd runs (folders with .hydra/) under {', '.join(map(str, paths))}")
+    return sorted(set(jobs), key=_job_order)
+
+
+def _job_order(path):
+    head = path.name.split("_", 1)[0]
+    return (str(path.parent), int(head) if head.isdigit() else math.inf, path.name)
+
+
+def _last_error(job):
+    if (job / "error.txt").exists():
+        return (job / "error.txt").read_text().strip().splitlines()[-1]
+    for log in job.glob("*.log"):
+        errors = [line for line in log.read_text(errors="replace").splitlines() if "ERROR" in line]
+        if errors:
+            return errors[-1].split("ERROR", 1)[1].strip(" -]")
+    return None
+
+
+def read_job(job):
+    overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+    row = {"job": str(job), "overrides": dict(o.split("=", 1) for o in overrides if "=" in o)}
+    if (job / "metrics.json").exists():
+        m = json.loads((job / "metrics.json").read_text())
+        row.update(status="done", test_errors=m["test_errors"], test_error_rate=m["test_error_rate"],
+                   wall_seconds=m.get("wall_seconds"), error="")
+    else:
+        error = _last_error(job)
+        status = "failed" if error else "stopped" if (job / "state.pt").exists() else "unfinished"
+        row.update(status=status, test_errors=None, test_error_rate=None, wall_seconds=None,
+                   error=error or ("resume with resume=<job>" if status == "stopped" else ""))
+    return row
+
+
+def swept_keys(rows):
+    """Override keys whose values differ between jobs (the sweep's axes); the rest are fixed."""
+    keys = sorted({k for r in rows for k in r["overrides"] if not k.startswith("hydra")})
+    swept = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+    fixed = {k: rows[0]["overrides"].get(k) for k in keys if k not in swept}
+    return swept, fixed
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def seed_groups(rows, swept):
+    """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max."""
+    others = [k for k in swept if k != SEED]
+    key = lambda r: tuple(r["overrides"].get(k) for k in others)  # noqa: E731
+    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: tuple(map(str, key(r))))
+    groups = []
+    for values, members in groupby(done, key=key):
+        errs = [r["test_errors"] for r in members]
+        groups.append({"values": dict(zip(others, values)), "n": len(errs), "mean": statistics.mean(errs),
+                       "std": statistics.stdev(errs) if len(errs) > 1 else 0.0, "min": min(errs), "max": max(errs)})
+    return groups
+
+
+def markdown(rows, swept, fixed, groups=None):
+    head = ["job", *swept, "status", "test errors", "error rate", "wall s", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [Path(r["job"]).name, *(r["overrides"].get(k, "") for k in swept), r["status"],
+                 "" if r["test_errors"] is None else str(r["test_errors"]),
+                 "" if r["test_error_rate"] is None else f"{100 * r['test_error_rate']:.2f}%",
+                 "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}", r["error"].replace("|", "/")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if fixed:
+        lines += ["", "Same in every job: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items())]
+    if groups:
+        others = [k for k in swept if k != SEED]
+        lines += ["", "Over seeds:", "", "| " + " | ".join([*others, "seeds", "mean", "std", "min", "max"]) + " |",
+                  "|" + " --- |" * (len(others) + 5)]
+        for g in groups:
+            lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
+                                            f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "stopped", "unfinished")}
+    lines += ["", f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
+    return "\n".join(lines)
+
+
+def write_csv(path, rows, swept):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["job", *swept, "status", "test_errors", "test_error_rate", "wall_seconds", "error"])
+        for r in rows:
+            w.writerow([r["job"], *(r["overrides"].get(k, "") for k in swept), r["status"], r["test_errors"],
+                        r["test_error_rate"], r["wall_seconds"], r["error"]])
+
+
+def x_axis(swept, rows):
+    """What to plot along x: T when it is swept, else the first swept key with numeric values."""
+    numeric = [k for k in swept if k != SEED and all(_number(r["overrides"].get(k)) is not None for r in rows)]
+    return "T" if "T" in numeric else (numeric[0] if numeric else None)
+
+
+def plot(path, rows, swept):
+    """Test errors against the x key, one line per combination of the other swept values; with a
+    seed sweep, the mean over seeds with min-max bars. Returns False when there is nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    x = x_axis(swept, rows)
+    groups = seed_groups(rows, swept)
+    if not groups or (x is None and SEED not in swept):
+        return False
+    lines = [k for k in swept if k not in (x, SEED)]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    label_of = lambda g: ", ".join(f"{k}={g['values'][k]}" for k in lines) or "test errors"  # noqa: E731
+    for label, members in groupby(sorted(groups, key=label_of), key=label_of):
+        members = sorted(members, key=lambda g: _number(g["values"].get(x)) if x else 0)
+        xs = [_number(g["values"][x]) for g in members] if x else list(range(len(members)))
+        ys = [g["mean"] for g in members]
+        err = [[g["mean"] - g["min"] for g in members], [g["max"] - g["mean"] for g in members]]
+        ax.errorbar(xs, ys, yerr=err if SEED in swept else None, marker="o", capsize=3, label=label)
+    ax.set_xlabel(x or "group")
+    ax.set_ylabel("test errors" + (" (mean over seeds, min-max)" if SEED in swept else ""))
+    if x == "T":
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({_number(r["overrides"]["T"]) for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(paths, out=None):
+    """Write report.md, report.csv (and report.png when there is a curve) into `out` (default:
+    the first path) and return the Markdown table."""
+    rows = [read_job(j) for j in find_jobs(paths)]
+    swept, fixed = swept_keys(rows)
+    out = Path(out or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    groups = seed_groups(rows, swept) if SEED in swept else None
+    text = markdown(rows, swept, fixed, groups)
+    if plot(out / "report.png", rows, swept):
+        text += "\n\n![test errors](report.png)"
+    (out / "report.md").write_text(text + "\n")
+    write_csv(out / "report.csv", rows, swept)
+    return text

@@ -1,0 +1,83 @@
+"""Sweeps: the basic, joblib and submitit-local launchers give the same per-job results; a failed
+job keeps the others' results; `kd report` lists every job and plots test errors vs T."""
+import csv
+import json
+
+import pytest
+
+from kd_cli.report import report
+
+SMALL = ["model.hidden=[16]", "epochs=2", "batch_size=50"]
+
+
+def jobs_of(sweep):
+    return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+
+
+def results(sweep):
+    """Per job (by its overrides): test errors and the per-epoch history."""
+    out = {}
+    for job in jobs_of(sweep):
+        if (job / "metrics.json").exists():
+            m = json.loads((job / "metrics.json").read_text())
+            out[job.name.split("_", 1)[1]] = (m["test_errors"], [(h["epoch"], h["test_errors"]) for h in m["history"]])
+    return out
+
+
+@pytest.fixture
+def teacher(kd):
+    kd("train-teacher", "model.hidden=[32]", "epochs=1", f"hydra.run.dir={kd.cwd / 'teacher'}")
+    return kd.cwd / "teacher" / "checkpoint.pt"
+
+
+def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teacher):
+    missing = kd.cwd / "no-such-teacher.pt"
+    sweep_args = ["distill", "-m", "T=2,5", f"teacher={teacher},{missing}", *SMALL]
+    sweeps = {}
+    for launcher in ("basic", "joblib"):
+        sweeps[launcher] = kd.cwd / launcher
+        extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+        proc = kd(*sweep_args, *extra, f"hydra.sweep.dir={sweeps[launcher]}", check=False)
+        assert proc.returncode == 1, proc.stderr  # two jobs failed ...
+        assert "2 job(s) of the sweep failed" in proc.stderr and "teacher checkpoint not found" in proc.stderr
+        assert len(jobs_of(sweeps[launcher])) == 4
+        assert len(results(sweeps[launcher])) == 2  # ... and the other two finished
+        assert (sweeps[launcher] / "report.md").is_file()  # written when the sweep ended
+    assert results(sweeps["basic"]) == results(sweeps["joblib"])
+
+    text = report([sweeps["joblib"]])
+    for job in jobs_of(sweeps["joblib"]):
+        assert job.name in text
+    rows = list(csv.DictReader(open(sweeps["joblib"] / "report.csv")))
+    assert len(rows) == 4 and {r["T"] for r in rows} == {"2", "5"}
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 2 and all("teacher checkpoint not found" in r["error"] for r in failed)
+    assert all(r["test_errors"].isdigit() for r in rows if r["status"] == "done")
+    assert (sweeps["joblib"] / "report.png").stat().st_size > 1000
+
+
+def test_report_of_a_seed_sweep_gives_mean_and_spread_and_names_unfinished_jobs(kd, teacher):
+    sweep = kd.cwd / "seeds"
+    kd("distill", "-m", "seed=0,1,2", "T=2,5", f"teacher={teacher}", *SMALL, f"hydra.sweep.dir={sweep}")
+    (jobs_of(sweep)[0] / "metrics.json").unlink()  # as if killed before it finished
+    (jobs_of(sweep)[0] / "state.pt").write_bytes(b"")
+    proc = kd("report", str(sweep))
+    assert "Over seeds:" in proc.stdout and "stopped" in proc.stdout
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert len(rows) == 6 and sum(r["status"] == "stopped" for r in rows) == 1
+    done = [int(r["test_errors"]) for r in rows if r["status"] == "done" and r["T"] == "5"]
+    assert f"| 5 | 3 | {sum(done) / 3:.1f} |" in proc.stdout  # T=5: three seeds, their mean
+    assert (sweep / "report.png").is_file()
+
+
+def test_report_needs_runs(kd):
+    proc = kd("report", str(kd.cwd), check=False)
+    assert proc.returncode == 2 and "no kd runs" in proc.stderr
+
+
+def test_submitit_local_launcher_runs_the_same_jobs(kd):
+    basic, local = kd.cwd / "basic", kd.cwd / "submitit"
+    args = ["train-student", "-m", "seed=0,1", *SMALL]
+    kd(*args, f"hydra.sweep.dir={basic}")
+    kd(*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={local}")
+    assert len(results(local)) == 2 and results(local) == results(basic)
