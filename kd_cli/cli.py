@@ -77,7 +77,25 @@ def _composition_message(stage, e):
         if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
             return f"unknown key '{key}' for kd {stage}; `kd {stage} --cfg job` lists the keys"
+    if "override_grammar" in text:  # a parse error: most often a path or list needing quotes
+        text += " (quote a value that holds = , [ or spaces: checkpoint=['a/0_seed=0/checkpoint.pt','b.pt'])"
     return text.split(" full_key:")[0]
+
+
+PATH_KEYS = ("teacher", "checkpoint", "resume", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def quote_paths(overrides):
+    """A sweep job's folder name holds = and , (0_T=2,alpha=0.1), which Hydra's override grammar
+    cannot read unquoted: quote a path value that holds '=' so `teacher=<job dir>/checkpoint.pt`
+    just works. Lists and already quoted values are left as the user wrote them."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "[('\"":
+            o = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(o)
+    return out
 
 
 def resume_overrides(stage, overrides):
@@ -101,7 +119,8 @@ def resume_overrides(stage, overrides):
     if started_as != stage:
         raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
     check_resume(run_dir)  # before Hydra rewrites anything in that folder
-    return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+    return quote_paths([*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}",
+                        f"hydra.run.dir={run_dir}"])
 
 
 def check_overrides(stage, config_name, overrides):
@@ -185,7 +204,7 @@ def main(argv=None):
     config_name = STAGES[stage][0]
     if not any(a.split("=")[0] in INSPECT_FLAGS for a in overrides):
         try:
-            overrides = resume_overrides(stage, overrides)
+            overrides = quote_paths(resume_overrides(stage, overrides))
             check_overrides(stage, config_name, overrides)
         except KDError as e:
             _fail(str(e))
@@ -193,7 +212,7 @@ def main(argv=None):
 
     import hydra
 
-    sys.argv = [f"kd {stage}", *overrides]
+    sys.argv = [f"kd {stage}", *quote_paths(overrides)]
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
     except KeyboardInterrupt:

@@ -10,22 +10,30 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-def load_mnist(root, download=False, device="cpu", train_limit=None):
-    """Return (train_x, train_y, test_x, test_y): images as float32 [N, 28, 28] in [0, 1]."""
-    from torchvision.datasets import MNIST  # imported here: it is slow and only this needs it
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # data.name -> torchvision class and folder
 
+
+def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist"):
+    """Return (train_x, train_y, test_x, test_y): images as float32 [N, 28, 28] in [0, 1], of
+    MNIST or of Fashion-MNIST (the same file format, in root/FashionMNIST/raw)."""
+    import torchvision.datasets  # imported here: it is slow and only this needs it
+
+    if name not in DATASETS:
+        raise KDError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
+    folder = DATASETS[name]
     root = os.path.expanduser(str(root))
-    raw = os.path.join(root, "MNIST", "raw")
+    raw = os.path.join(root, folder, "raw")
     have = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
     if not have and not download:
-        raise KDError(f"MNIST not found under {raw}; set KD_DATA_ROOT (or data.root=) to the folder "
-                      "that holds MNIST/raw, or allow data.download=true where the internet is reachable")
+        raise KDError(f"{folder} not found under {raw}; set KD_DATA_ROOT (or data.root=) to the folder "
+                      f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
+    dataset = getattr(torchvision.datasets, folder)
     try:
-        train = MNIST(root, train=True, download=download and not have)
-        test = MNIST(root, train=False, download=False)
+        train = dataset(root, train=True, download=download and not have)
+        test = dataset(root, train=False, download=False)
     except (RuntimeError, OSError) as e:
-        raise KDError(f"could not read or download MNIST into {root} ({str(e).splitlines()[0]}); "
-                      "set KD_DATA_ROOT (or data.root=) to a folder that holds MNIST/raw") from None
+        raise KDError(f"could not read or download {folder} into {root} ({str(e).splitlines()[0]}); "
+                      f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
 
     def as_tensors(ds, limit=None):
         x, y = ds.data, ds.targets

@@ -31,3 +31,21 @@ def distillation_loss(student_logits, labels, log_p, T, alpha):
     if alpha > 0:
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
     return loss
+
+
+def logit_mse(student_logits, teacher_logits):
+    """Caruana et al.'s logit matching: (1 / 2C) * sum_i (z_i - v_i)^2, mean over the batch. Its
+    gradient (z_i - v_i) / C is the limit of the distillation gradient (times T^2) at high T for
+    zero-meaned logits, so the two losses sit on one scale."""
+    c = student_logits.shape[1]
+    return ((student_logits - teacher_logits) ** 2).sum(dim=1).mean() / (2 * c)
+
+
+def logit_matching_loss(student_logits, labels, teacher_logits, alpha):
+    """alpha * CE(softmax(z), y) + (1 - alpha) * logit_mse(z, v): `loss=logit_mse` of kd distill."""
+    loss = 0.0
+    if alpha < 1:
+        loss = (1 - alpha) * logit_mse(student_logits, teacher_logits)
+    if alpha > 0:
+        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+    return loss

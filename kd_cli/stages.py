@@ -9,12 +9,13 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_json, sha256_of
 from .data import load_mnist, split_validation, transfer_set
 from .errors import KDError
 from .evaluate import count_errors, errors_on, fit_bias_shift, predict_logits, shift_biases
-from .losses import distillation_loss, soft_targets
+from .losses import distillation_loss, logit_matching_loss, soft_targets
 from .models import MLP, build_mlp
-from .teachers import load_teacher, resolve_teacher, teacher_logits
+from .teachers import COMBINE, check_same_data, combine_log_probs, load_teacher, resolve_teacher, teacher_logits
 from .train import SCHEDULES, Recipe, train
 
 TRAINING_STAGES = ("train-teacher", "train-student", "distill")
+LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al.'s logit matching
 STATE_FILE = "state.pt"  # the resumable training state, in the run dir until the run finishes
 
 
@@ -45,6 +46,8 @@ def validate(stage, cfg):
     if stage == "evaluate":
         if OmegaConf.is_missing(cfg, "checkpoint"):
             raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
+        if cfg.get("combine", "arithmetic") not in COMBINE:
+            raise KDError(f"combine must be one of {', '.join(COMBINE)}, got {cfg.combine!r}")
         _validate_bias(cfg)
     if stage not in TRAINING_STAGES:
         return
@@ -71,6 +74,10 @@ def validate(stage, cfg):
         _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
         _number(cfg, "alpha", lambda v: 0 <= v <= 1,
                 "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
+        if cfg.loss not in LOSSES:
+            raise KDError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+        if cfg.teacher_combine not in COMBINE:
+            raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {cfg.teacher_combine!r}")
 
 
 def _class_list(value, key, allow_null=False):
@@ -140,7 +147,7 @@ def _setup(stage, cfg, out_dir):
     torch.manual_seed(int(cfg.seed))
     limit = cfg.data.get("train_limit")
     train_x, train_y, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device,
-                                                  None if limit is None else int(limit))
+                                                  None if limit is None else int(limit), cfg.data.name)
     val = None
     if cfg.data.val_size:
         if cfg.data.val_size >= train_x.shape[0]:
@@ -233,38 +240,60 @@ def train_student(cfg, out_dir):
     return _train_on_labels("train-student", cfg, out_dir)
 
 
+def _recorded_teachers(state_path):
+    """The teachers this run started with (not whichever is newest now), each checked unchanged."""
+    recorded = load_checkpoint(state_path)["teacher"]
+    paths = []
+    for r in recorded if isinstance(recorded, list) else [recorded]:
+        path = Path(r["path"])
+        if not path.is_file() or sha256_of(path) != r["sha256"]:
+            raise KDError(f"the teacher this run started from, {path}, is gone or changed; cannot resume")
+        paths.append(path)
+    return paths
+
+
 def distill(cfg, out_dir):
     started = time.perf_counter()
     validate("distill", cfg)  # before looking for a teacher: a bad T is the first thing to report
     state_path = _resume_state(cfg, out_dir)
-    if state_path is None:
-        path = resolve_teacher(cfg.teacher)
-    else:  # the teacher this run started with, not whichever is newest now
-        recorded = load_checkpoint(state_path)["teacher"]
-        path = Path(recorded["path"])
-        if not path.is_file() or sha256_of(path) != recorded["sha256"]:
-            raise KDError(f"the teacher this run started from, {path}, is gone or changed; cannot resume")
+    paths = resolve_teacher(cfg.teacher) if state_path is None else _recorded_teachers(state_path)
     device, data, transfer = _setup("distill", cfg, out_dir)
     train_x, train_y = data[0], data[1]
     in_features = train_x[0].numel()
-    teacher, info = load_teacher(path, device, in_features, 10)
-    T, alpha = float(cfg.T), float(cfg.alpha)
+    teachers, infos = zip(*(load_teacher(p, device, in_features, 10, cfg.data.name) for p in paths))
+    T, alpha, kind, combine = float(cfg.T), float(cfg.alpha), cfg.loss, cfg.teacher_combine
+
+    def targets_of(x, batch=int(cfg.eval_batch_size)):
+        """What the student matches: the teachers' combined log-probabilities at T, or for
+        logit matching their mean logit."""
+        logits = [teacher_logits(t, x, batch) for t in teachers]
+        if kind == "logit_mse":
+            return torch.stack(logits).mean(0) if len(logits) > 1 else logits[0]
+        if len(logits) == 1:
+            return soft_targets(logits[0], T)
+        return combine_log_probs(torch.stack([soft_targets(v, T) for v in logits]), combine)
+
     if int(cfg.data.jitter) == 0:
-        # the transfer set is not augmented, so the teacher's soft targets are computed once
-        fixed = (soft_targets(teacher_logits(teacher, train_x, int(cfg.eval_batch_size)), T),)
-        per_batch = None
-        del teacher
-    else:  # every batch is new: the teacher runs on it, in eval mode and without autograd
-        fixed = ()
-        per_batch = lambda xb: (soft_targets(teacher_logits(teacher, xb), T),)  # noqa: E731
+        # the transfer set is not augmented, so the teachers run once, not once per batch
+        fixed, per_batch = (targets_of(train_x),), None
+        del teachers
+    else:  # every batch is new: the teachers run on it, in eval mode and without autograd
+        fixed, per_batch = (), lambda xb: (targets_of(xb),)
     model = _model(cfg, device, in_features, 10)
+    if kind == "logit_mse":
+        loss_of = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
+    else:
+        loss_of = lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha)  # noqa: E731
     if alpha > 0:
-        targets, loss_fn = (train_y, *fixed), lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha)
+        targets, loss_fn = (train_y, *fixed), loss_of
     else:  # an unlabeled transfer set: the labels are not even handed to the loop
-        targets, loss_fn = fixed, lambda z, log_p: distillation_loss(z, None, log_p, T, 0.0)
+        targets, loss_fn = fixed, lambda z, t: loss_of(z, None, t)
+    record = [{"path": i["path"], "sha256": i["sha256"]} for i in infos]
+    ensemble = {"teacher_combine": combine} if len(infos) > 1 and kind != "logit_mse" else {}
     return _fit_and_save("distill", cfg, out_dir, started, data, model, targets, loss_fn,
-                         {"T": T, "alpha": alpha, "teacher": info, "transfer": transfer},
-                         teacher={"path": info["path"], "sha256": info["sha256"]}, batch_targets=per_batch)
+                         {"T": T, "alpha": alpha, "loss": kind, **ensemble,
+                          "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer},
+                         teacher=record[0] if len(record) == 1 else record, batch_targets=per_batch)
 
 
 def _validation_for(cfg, ckpt, device):
@@ -279,7 +308,7 @@ def _validation_for(cfg, ckpt, device):
                       "(those images were then seen in training)")
     limit = cfg.data.train_limit if cfg.data.train_limit is not None else trained.get("train_limit")
     train_x, train_y, _, _ = load_mnist(cfg.data.root, cfg.data.download, device,
-                                        None if limit is None else int(limit))
+                                        None if limit is None else int(limit), cfg.data.name)
     if val_size >= train_x.shape[0]:
         raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
     _, _, val_x, val_y = split_validation(train_x, train_y, val_size)
@@ -317,30 +346,55 @@ def _bias_correction(cfg, ckpt, model, device, test_logits, test_y, batch):
     return shifted, {"shift": {str(c): v for c, v in shift.items()}, **record, "before": before, "after": after}
 
 
-def evaluate(cfg, out_dir):
-    started = time.perf_counter()
-    validate("evaluate", cfg)
-    if not isinstance(cfg.checkpoint, str):
-        raise KDError(f"checkpoint must be one path to a checkpoint.pt, got {cfg.checkpoint!r}")
-    ckpt = load_checkpoint(cfg.checkpoint)
-    device = _device(cfg)
-    _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1)
+def _load_model(path, device, data_name):
+    ckpt = load_checkpoint(path)
+    check_same_data(ckpt, path, data_name, "checkpoint")
     model = build_mlp(ckpt["arch"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise KDError(f"{cfg.checkpoint}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
-    model.to(device)
+        raise KDError(f"{path}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
+    return ckpt, model.to(device)
+
+
+def evaluate(cfg, out_dir):
+    started = time.perf_counter()
+    validate("evaluate", cfg)
+    paths = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise KDError(f"checkpoint must be a path to a checkpoint.pt, or a list of them, got {cfg.checkpoint!r}")
+    if len(paths) > 1 and (cfg.get("bias_shift") or cfg.get("fit_bias")):
+        raise KDError("bias_shift and fit_bias take one checkpoint, not an ensemble")
+    device = _device(cfg)
+    _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1,
+                                      name=cfg.data.name)
     batch = int(cfg.eval_batch_size)
-    logits = predict_logits(model, test_x, batch)
+    loaded = [_load_model(p, device, cfg.data.name) for p in paths]
+    logits = [predict_logits(model, test_x, batch) for _, model in loaded]
     extra = {}
-    if cfg.get("bias_shift") or cfg.get("fit_bias"):
-        logits, extra["bias"] = _bias_correction(cfg, ckpt, model, device, logits, test_y, batch)
-    counts = count_errors(logits, test_y)
+    if len(paths) > 1:  # an ensemble: each member, then the members' combined distribution
+        extra["members"] = [{"checkpoint": str(Path(p).resolve()), "stage": ckpt["stage"],
+                             "test_errors": count_errors(v, test_y)["test_errors"]}
+                            for p, (ckpt, _), v in zip(paths, loaded, logits)]
+        log_probs = torch.stack([torch.log_softmax(v, dim=1) for v in logits])
+        extra["ensemble_test_errors"] = {how: count_errors(combine_log_probs(log_probs, how), test_y)["test_errors"]
+                                         for how in COMBINE}
+        extra["combine"] = cfg.combine
+        for m in extra["members"]:
+            print(f"member {m['checkpoint']}: test errors {m['test_errors']}", flush=True)
+        print("ensemble: " + ", ".join(f"{how} mean {n}" for how, n in extra["ensemble_test_errors"].items()), flush=True)
+        final = combine_log_probs(log_probs, cfg.combine)
+    else:
+        final = logits[0]
+        if cfg.get("bias_shift") or cfg.get("fit_bias"):
+            ckpt, model = loaded[0]
+            final, extra["bias"] = _bias_correction(cfg, ckpt, model, device, final, test_y, batch)
+    counts = count_errors(final, test_y)
+    first = loaded[0][0]
     metrics = {"stage": "evaluate", **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
-               "checkpoint": str(Path(cfg.checkpoint).resolve()), "checkpoint_stage": ckpt["stage"],
-               "arch": ckpt["arch"], "seed": int(cfg.seed), "device": str(device), **extra,
-               "wall_seconds": round(time.perf_counter() - started, 3)}
+               "checkpoint": str(Path(paths[0]).resolve()) if len(paths) == 1 else [str(Path(p).resolve()) for p in paths],
+               "checkpoint_stage": first["stage"], "arch": first["arch"], "seed": int(cfg.seed),
+               "device": str(device), **extra, "wall_seconds": round(time.perf_counter() - started, 3)}
     save_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
 

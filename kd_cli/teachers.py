@@ -1,7 +1,9 @@
-"""Finding and loading a teacher, and its soft targets computed once per run."""
+"""Finding and loading teachers (one, or an ensemble), combining them, and their logits."""
+import math
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, newest_checkpoint, sha256_of
 from .errors import KDError
@@ -10,25 +12,54 @@ from .models import build_mlp
 TEACHER_STAGE = "train-teacher"
 
 
+COMBINE = ("arithmetic", "geometric")
+
+
 def resolve_teacher(teacher, outputs="outputs"):
-    """The teacher's checkpoint path: the one given, or the newest `kd train-teacher` wrote."""
+    """The teachers' checkpoint paths (a list): the newest `kd train-teacher` wrote when none is
+    given; a path; a list of paths (an ensemble); or a folder, meaning every checkpoint.pt in it
+    and its job folders (a seed sweep of teachers: teacher=outputs/train-teacher-sweep/<stamp>)."""
     if teacher is None:
         path = newest_checkpoint(outputs, TEACHER_STAGE)
         if path is None:
             raise KDError(f"no teacher found under {Path(outputs).resolve()}/{TEACHER_STAGE}*; run "
                           "`kd train-teacher` first, or pass teacher=<path to checkpoint.pt>")
-        return path
-    if not isinstance(teacher, (str, Path)):
-        raise KDError(f"teacher must be one checkpoint path, got {teacher!r}")
-    path = Path(teacher).expanduser()
-    if not path.is_file():
-        raise KDError(f"teacher checkpoint not found: {path}; pass teacher=<path to checkpoint.pt>")
-    return path
+        return [path]
+    items = list(teacher) if isinstance(teacher, (list, tuple)) or OmegaConf.is_list(teacher) else [teacher]
+    paths = []
+    for item in items:
+        if not isinstance(item, (str, Path)):
+            raise KDError(f"teacher must be a checkpoint path or a list of them, got {teacher!r}")
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted([*path.glob("checkpoint.pt"), *path.glob("*/checkpoint.pt")])
+            if not found:
+                raise KDError(f"no checkpoint.pt in the teacher folder {path} or its job folders")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise KDError(f"teacher checkpoint not found: {path}; pass teacher=<path to checkpoint.pt>")
+    if not paths:
+        raise KDError("teacher=[] names no checkpoint")
+    return paths
 
 
-def load_teacher(path, device, in_features, out_features):
+def trained_on(ckpt):
+    """The data set a checkpoint was trained on (checkpoints from before data.name: MNIST)."""
+    return ((ckpt.get("config") or {}).get("data") or {}).get("name", "mnist")
+
+
+def check_same_data(ckpt, path, name, role):
+    if trained_on(ckpt) != name:
+        raise KDError(f"{role} {path} was trained on {trained_on(ckpt)}, this run uses {name}; "
+                      f"pass data={trained_on(ckpt)} or another {role}")
+
+
+def load_teacher(path, device, in_features, out_features, data_name="mnist"):
     """The teacher model in eval mode, and what a distilled student records about it."""
     ckpt = load_checkpoint(path)
+    check_same_data(ckpt, path, data_name, "teacher")
     arch = ckpt["arch"]
     if (arch.get("in_features"), arch.get("out_features")) != (in_features, out_features):
         raise KDError(f"teacher {path} maps {arch.get('in_features')} inputs to {arch.get('out_features')} "
@@ -42,6 +73,18 @@ def load_teacher(path, device, in_features, out_features):
     info = {"path": str(Path(path).resolve()), "sha256": sha256_of(path),
             "stage": ckpt["stage"], "test_errors": ckpt.get("metrics", {}).get("test_errors")}
     return model, info
+
+
+def combine_log_probs(log_probs, how):
+    """One distribution from several teachers' log-probabilities [K, N, C], as log-probabilities:
+    arithmetic, the mean of the probabilities, log(mean_k p_k); geometric, the normalised
+    geometric mean, softmax(mean_k log p_k). Neither is the softmax of the mean logit (at T, that
+    is the geometric mean only when every teacher shares T; the arithmetic mean never)."""
+    if how == "arithmetic":
+        return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
+    if how == "geometric":
+        return torch.log_softmax(log_probs.mean(dim=0), dim=-1)
+    raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {how!r}")
 
 
 @torch.no_grad()

@@ -137,3 +137,12 @@ def test_help_and_unknown_stage(kd):
     assert "T: 3" in job and "hidden:" in job
     proc = kd("distil", check=False)
     assert proc.returncode == 2 and "distill" in proc.stderr and "unknown stage" in proc.stderr
+
+
+def test_paths_from_sweep_folders_are_quoted_for_hydra():
+    from kd_cli.cli import quote_paths
+
+    job = "outputs/distill-sweep/s/0_T=2,alpha=0.1/checkpoint.pt"
+    assert quote_paths([f"teacher={job}", f"resume={job}", "T=2,5", "teacher=a.pt,b.pt"]) == [
+        f"teacher='{job}'", f"resume='{job}'", "T=2,5", "teacher=a.pt,b.pt"]  # a plain sweep stays one
+    assert quote_paths([f"checkpoint=['{job}']", f"teacher='{job}'"]) == [f"checkpoint=['{job}']", f"teacher='{job}'"]
