@@ -68,6 +68,8 @@ def validate(stage, cfg):
     _validate_transfer(cfg)
     if cfg.optim.schedule not in SCHEDULES:
         raise KDError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if cfg.optim.get("clip_grad_norm") is not None:
+        _number(cfg, "optim.clip_grad_norm", lambda v: v > 0, "null or a number > 0")
     for key in ("optim.momentum", "optim.momentum_start"):
         _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
     if stage == "distill":
@@ -167,7 +169,8 @@ def _recipe(cfg):
                   momentum_ramp_epochs=float(o.momentum_ramp_epochs), nesterov=bool(o.nesterov),
                   weight_decay=float(o.weight_decay), schedule=o.schedule,
                   warmup_epochs=float(o.warmup_epochs), lr_decay=float(o.lr_decay),
-                  lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum))
+                  lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum),
+                  clip_grad_norm=None if o.get("clip_grad_norm") is None else float(o.clip_grad_norm))
 
 
 def _model(cfg, device, in_features, out_features):

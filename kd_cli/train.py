@@ -33,6 +33,7 @@ class Recipe:
     warmup_epochs: float = 0
     lr_decay: float = 1.0       # exponential: multiplier per whole epoch
     lr_times_one_minus_momentum: bool = False
+    clip_grad_norm: float | None = None  # rescale a step whose gradient norm exceeds this
 
     def at(self, t):
         """(lr, momentum) at fractional epoch t."""
@@ -167,6 +168,8 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                 loss = loss_fn(model(xb), *(t[s] for t in te), *extra)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if recipe.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad_norm, foreach=True)
                 opt.step()
                 if max_norm:
                     apply_max_norm_(model, max_norm)

@@ -119,3 +119,19 @@ def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
     for a, b in zip(resumed.parameters(), untouched.parameters()):
         assert torch.equal(a, b)
     assert [r["loss"] for r in out["history"]] == [r["loss"] for r in ref["history"]]
+
+
+def test_clip_grad_norm_bounds_each_step():
+    x, y = toy(32)
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        m = MLP(hidden=[8])
+        before = [p.detach().clone() for p in m.parameters()]
+        train(m, x, (y,), torch.nn.functional.cross_entropy,
+              Recipe(epochs=1, batch_size=32, lr=1.0, momentum=0.0, momentum_start=0.0,
+                     schedule="constant", clip_grad_norm=clip))
+        step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(m.parameters(), before)))
+        if clip is None:
+            assert step > 1e-2  # unclipped, one step of lr 1 moves the weights far
+        else:
+            assert step <= clip * (1 + 1e-4)  # lr 1 x a gradient rescaled to norm 1e-3
