@@ -14,6 +14,7 @@ STAGES = {
     "train-student": ("train_student", "train the 784-800-800-10 student on hard labels (the baseline)"),
     "distill": ("distill", "train the student on the teacher's soft targets at temperature T"),
     "evaluate": ("evaluate", "count a checkpoint's test errors: total, per class, confusion matrix"),
+    "train-specialists": ("train_specialists", "specialists for the classes a generalist confuses (paper, section 5)"),
 }
 REPORT_HELP = "sweep or run folders -> report.md, report.csv and a plot of test errors vs T"
 
@@ -82,7 +83,7 @@ def _composition_message(stage, e):
     return text.split(" full_key:")[0]
 
 
-PATH_KEYS = ("teacher", "checkpoint", "resume", "hydra.run.dir", "hydra.sweep.dir")
+PATH_KEYS = ("teacher", "generalist", "checkpoint", "resume", "hydra.run.dir", "hydra.sweep.dir")
 
 
 def quote_paths(overrides):

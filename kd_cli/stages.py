@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_json, sha256_of
 from .data import load_mnist, split_validation, transfer_set
 from .errors import KDError
 from .evaluate import count_errors, errors_on, fit_bias_shift, predict_logits, shift_biases
+from .specialists import active_specialists, combine, covariance_clusters, specialist_data, specialist_head
 from .losses import distillation_loss, logit_matching_loss, soft_targets
 from .models import MLP, build_mlp
 from .teachers import COMBINE, check_same_data, combine_log_probs, load_teacher, resolve_teacher, teacher_logits
@@ -49,6 +50,11 @@ def validate(stage, cfg):
         if cfg.get("combine", "arithmetic") not in COMBINE:
             raise KDError(f"combine must be one of {', '.join(COMBINE)}, got {cfg.combine!r}")
         _validate_bias(cfg)
+    if stage == "train-specialists":
+        _number(cfg, "clusters", lambda v: 1 <= v <= 10, "an integer in 1..10 (k of k-means)", int)
+        _number(cfg, "top_n", lambda v: 1 <= v <= 10, "an integer in 1..10", int)
+        _validate_recipe(cfg)
+        return
     if stage not in TRAINING_STAGES:
         return
     hidden = cfg.model.hidden
@@ -58,6 +64,19 @@ def validate(stage, cfg):
         _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
     if cfg.model.max_norm is not None:
         _number(cfg, "model.max_norm", lambda v: v > 0, "null or a number > 0")
+    _validate_recipe(cfg)
+    if stage == "distill":
+        _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
+        _number(cfg, "alpha", lambda v: 0 <= v <= 1,
+                "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
+        if cfg.loss not in LOSSES:
+            raise KDError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+        if cfg.teacher_combine not in COMBINE:
+            raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {cfg.teacher_combine!r}")
+
+
+def _validate_recipe(cfg):
+    """The keys every training stage shares: the recipe and the data."""
     _number(cfg, "epochs", lambda v: v >= 1, "an integer >= 1", int)
     _number(cfg, "batch_size", lambda v: v >= 1, "an integer >= 1", int)
     _number(cfg, "lr", lambda v: v > 0, "a number > 0")
@@ -72,14 +91,6 @@ def validate(stage, cfg):
         _number(cfg, "optim.clip_grad_norm", lambda v: v > 0, "null or a number > 0")
     for key in ("optim.momentum", "optim.momentum_start"):
         _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    if stage == "distill":
-        _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
-        _number(cfg, "alpha", lambda v: 0 <= v <= 1,
-                "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
-        if cfg.loss not in LOSSES:
-            raise KDError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-        if cfg.teacher_combine not in COMBINE:
-            raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {cfg.teacher_combine!r}")
 
 
 def _class_list(value, key, allow_null=False):
@@ -349,6 +360,67 @@ def _bias_correction(cfg, ckpt, model, device, test_logits, test_y, batch):
     return shifted, {"shift": {str(c): v for c, v in shift.items()}, **record, "before": before, "after": after}
 
 
+def train_specialists(cfg, out_dir):
+    """Paper section 5 on a small scale: cluster the generalist's confusable classes, fine-tune one
+    specialist per subset (from the generalist's weights, on half subset / half dustbin data),
+    correct each dustbin for the oversampling, and combine by minimising the summed KLs."""
+    started = time.perf_counter()
+    validate("train-specialists", cfg)
+    path = resolve_teacher(cfg.generalist)[0]
+    device, data, transfer = _setup("train-specialists", cfg, out_dir)
+    train_x, train_y, test_x, test_y, _ = data
+    generalist, info = load_teacher(path, device, train_x[0].numel(), 10, cfg.data.name)
+    batch = int(cfg.eval_batch_size)
+    train_log_p = torch.log_softmax(predict_logits(generalist, train_x, batch), 1)
+    subsets = [c for c in covariance_clusters(train_log_p.cpu(), int(cfg.clusters), int(cfg.seed)) if len(c) > 1]
+    if not subsets:
+        raise KDError(f"clusters={cfg.clusters} left no subset of two or more classes; use fewer clusters")
+    models, records = [], []
+    for i, classes in enumerate(subsets):
+        xs, ys, shift = specialist_data(train_x, train_y, classes, int(cfg.seed) + i)
+        model = build_mlp({**generalist.arch, "out_features": len(classes) + 1}).to(device)
+        with torch.no_grad():
+            for mine, theirs in zip(model.hidden, generalist.hidden):
+                mine.load_state_dict(theirs.state_dict())
+            model.out.weight[:], model.out.bias[:] = specialist_head(generalist.out, classes)
+        result = train(model, xs, (ys,), torch.nn.functional.cross_entropy, _recipe(cfg),
+                       jitter_pixels=int(cfg.data.jitter), desc=f"specialist {classes}")
+        with torch.no_grad():
+            model.out.bias[-1] += shift  # undo the dustbin's under-representation in the mix
+        models.append(model.eval())
+        records.append({"classes": classes, "train_images": int(ys.numel()), "dustbin_shift": round(shift, 6),
+                        "train_seconds": round(result["train_seconds"], 3), "arch": model.arch,
+                        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+    p_g = torch.softmax(predict_logits(generalist, test_x, batch), 1)
+    p_m = [torch.softmax(predict_logits(m, test_x, batch), 1) for m in models]
+    active = active_specialists(p_g, subsets, int(cfg.top_n))
+    q = combine(p_g, p_m, subsets, active)
+    alone, together = count_errors(p_g.log(), test_y), count_errors(q.log(), test_y)
+    any_active = active.any(1)
+    metrics = {"stage": "train-specialists", **together,
+               "test_error_rate": together["test_errors"] / together["test_total"],
+               "generalist_test_errors": alone["test_errors"],
+               "generalist_per_class_errors": alone["per_class_errors"],
+               "cases_with_active_specialists": int(any_active.sum()),
+               "errors_where_active": {"generalist": int((p_g.argmax(1) != test_y)[any_active].sum()),
+                                       "combined": int((q.argmax(1) != test_y)[any_active].sum())},
+               "subsets": subsets, "clusters": int(cfg.clusters), "top_n": int(cfg.top_n),
+               "specialists": [{k: v for k, v in r.items() if k not in ("state_dict", "arch")} for r in records],
+               "generalist": info, "transfer": transfer, "epochs": int(cfg.epochs),
+               "train_images": int(train_x.shape[0]), "seed": int(cfg.seed), "device": str(device),
+               "train_seconds": round(sum(r["train_seconds"] for r in records), 3)}
+    save_checkpoint(Path(out_dir) / "checkpoint.pt", {
+        "stage": "train-specialists", "arch": generalist.arch,
+        "state_dict": {k: v.detach().cpu() for k, v in generalist.state_dict().items()},
+        "specialists": records, "config": OmegaConf.to_container(cfg, resolve=True),
+        "teacher": {"path": info["path"], "sha256": info["sha256"]}, "metrics": metrics})
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    print(f"generalist alone: {alone['test_errors']} test errors; with specialists {subsets} "
+          f"(active on {metrics['cases_with_active_specialists']} cases): {together['test_errors']}", flush=True)
+    save_json(Path(out_dir) / "metrics.json", metrics)
+    return metrics
+
+
 def _load_model(path, device, data_name):
     ckpt = load_checkpoint(path)
     check_same_data(ckpt, path, data_name, "checkpoint")
@@ -403,4 +475,4 @@ def evaluate(cfg, out_dir):
 
 
 STAGES = {"train-teacher": train_teacher, "train-student": train_student,
-          "distill": distill, "evaluate": evaluate}
+          "distill": distill, "evaluate": evaluate, "train-specialists": train_specialists}

@@ -1,0 +1,91 @@
+"""Specialists: clustering confusable classes, the data mix and dustbin correction, the KL
+combination (checked against a brute-force search), and the stage end to end."""
+import itertools
+import json
+import math
+
+import torch
+
+from kd_cli.checkpoint import load_checkpoint
+from kd_cli.models import MLP
+from kd_cli.specialists import (active_specialists, combine, covariance_clusters, kl_objective,
+                                specialist_data, specialist_head, specialist_log_q)
+
+
+def test_classes_that_rise_and_fall_together_share_a_cluster():
+    g = torch.Generator().manual_seed(0)
+    a, b, noise = torch.randn(500, generator=g), torch.randn(500, generator=g), torch.randn(500, 4, generator=g)
+    # classes 0 and 2 move together, and 1 and 3: two confusable pairs
+    predictions = torch.stack([a, b, a, b], 1) * 3 + 0.3 * noise
+    assert covariance_clusters(predictions, 2) == [[0, 2], [1, 3]]
+    assert covariance_clusters(predictions, 4) == [[0], [1], [2], [3]]
+
+
+def test_specialist_data_is_half_subset_half_dustbin_and_the_shift_restores_the_odds():
+    y = torch.tensor([0] * 30 + [1] * 20 + [2] * 150 + [3] * 100)
+    x = torch.arange(300.).view(300, 1, 1)
+    xs, ys, shift = specialist_data(x, y, [1, 0], seed=0)
+    assert ys.tolist().count(0) == 30 and ys.tolist().count(1) == 20 and ys.tolist().count(2) == 50
+    assert set(y[xs[ys == 2][:, 0, 0].long()].tolist()) <= {2, 3}
+    # a model that only knows the mix's class frequencies, corrected, gives the true ones back
+    mix = torch.bincount(ys, minlength=3).float() / ys.numel()
+    logits = mix.log()
+    logits[2] += shift
+    torch.testing.assert_close(torch.softmax(logits, 0)[2], torch.tensor(250 / 300))
+
+
+def test_the_head_starts_where_the_generalist_is_on_its_classes():
+    torch.manual_seed(0)
+    gen = MLP(hidden=[8]).eval()
+    spec = MLP(hidden=[8], out_features=4).eval()
+    spec.hidden.load_state_dict(gen.hidden.state_dict())
+    with torch.no_grad():
+        spec.out.weight[:], spec.out.bias[:] = specialist_head(gen.out, [4, 9, 2])
+    x = torch.rand(5, 28, 28)
+    torch.testing.assert_close(spec(x)[:, :3], gen(x)[:, [4, 9, 2]])
+
+
+def test_active_specialists_meet_the_top_classes():
+    p = torch.tensor([[0.6, 0.3, 0.05, 0.05], [0.05, 0.05, 0.3, 0.6]])
+    active = active_specialists(p, [[1, 2], [3]], top_n=2)
+    assert active.tolist() == [[True, False], [True, True]]
+    assert active_specialists(p, [[1, 2], [3]], top_n=1).tolist() == [[False, False], [False, True]]
+
+
+def test_the_combination_is_the_distribution_that_minimises_the_summed_kls():
+    g = torch.Generator().manual_seed(1)
+    p_g = torch.softmax(torch.randn(3, 4, generator=g) * 2, 1).double()
+    subsets = [[0, 1], [1, 2]]
+    p_m = [torch.softmax(torch.randn(3, 3, generator=g) * 2, 1).double() for _ in subsets]
+    active = torch.tensor([[True, True], [True, False], [False, False]])
+    q = combine(p_g, p_m, subsets, active)
+    torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=q.dtype))
+    torch.testing.assert_close(q[2], p_g[2])  # no active specialist: the generalist's own
+    # brute force over the simplex (step 0.01) finds nothing better
+    grid = torch.tensor([(a, b, c, 100 - a - b - c) for a, b, c in itertools.product(range(1, 100), repeat=3)
+                         if a + b + c < 100], dtype=torch.float64) / 100
+    for case in range(2):
+        def objective(qs):
+            n = qs.shape[0]
+            return kl_objective(qs.log(), p_g[case].expand(n, 4), [p[case].expand(n, 3) for p in p_m],
+                                subsets, active[case].expand(n, 2))
+        best_grid = float(objective(grid).min())
+        ours = float(objective(q[case:case + 1]))
+        assert ours <= best_grid + 1e-9
+    # specialist m's view of q: its classes, then the dustbin holding the rest
+    log_view = specialist_log_q(q.log(), [1, 2])
+    torch.testing.assert_close(log_view.exp()[:, 2], q[:, [0, 3]].sum(1))
+
+
+def test_train_specialists_end_to_end(kd):
+    kd("train-teacher", "model.hidden=[32]", "epochs=2", f"hydra.run.dir={kd.cwd / 'g'}")
+    proc = kd("train-specialists", f"generalist={kd.cwd / 'g' / 'checkpoint.pt'}", "clusters=3", "epochs=1",
+              f"hydra.run.dir={kd.cwd / 's'}")
+    assert proc.stdout.strip().splitlines()[-1].startswith("test errors: ")
+    m = json.loads((kd.cwd / "s" / "metrics.json").read_text())
+    assert sorted(c for s in m["subsets"] for c in s) == sorted(set(c for s in m["subsets"] for c in s))
+    assert all(len(s) >= 2 for s in m["subsets"]) and 0 <= m["cases_with_active_specialists"] <= 200
+    assert all(math.isfinite(s["dustbin_shift"]) for s in m["specialists"])
+    ckpt = load_checkpoint(kd.cwd / "s" / "checkpoint.pt")
+    assert [s["classes"] for s in ckpt["specialists"]] == m["subsets"]
+    assert ckpt["specialists"][0]["arch"]["out_features"] == len(m["subsets"][0]) + 1
