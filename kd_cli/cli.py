@@ -193,7 +193,7 @@ def _task(stage):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        lines = [f"  {s:<14} {d}" for s, (_, d) in STAGES.items()] + [f"  {'report':<14} {REPORT_HELP}"]
+        lines = [f"  {s:<18} {d}" for s, (_, d) in STAGES.items()] + [f"  {'report':<18} {REPORT_HELP}"]
         print(USAGE.format(stages="\n".join(lines)))
         return 0
     stage, overrides = argv[0], argv[1:]
