@@ -213,7 +213,9 @@ def main(argv=None):
 
     import hydra
 
-    sys.argv = [f"kd {stage}", *quote_paths(overrides)]
+    # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
+    flags = [o for o in overrides if o in ("-m", "--multirun")]
+    sys.argv = [f"kd {stage}", *flags, *quote_paths(o for o in overrides if o not in flags)]
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
     except KeyboardInterrupt:

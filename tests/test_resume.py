@@ -139,3 +139,24 @@ def test_runs_started_together_get_their_own_folders(kd):
     assert [p.wait() for p in procs] == [0, 0, 0]
     dirs = list((kd.cwd / "outputs" / "train-student").iterdir())
     assert len(dirs) == 3 and all((d / "checkpoint.pt").exists() for d in dirs)
+
+
+def test_a_killed_sweep_job_resumes_from_its_folder(kd):
+    """A sweep job's folder name holds '=' and ',' (0_epochs=25,...): resume= takes it as typed."""
+    sweep = kd.cwd / "sweep"
+    args = [*RUN, "-m", "seed=3,4"]
+    env = {**os.environ, "KD_DATA_ROOT": str(kd.root)}
+    proc = subprocess.Popen([KD, *args, f"hydra.sweep.dir={sweep}"], cwd=kd.cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 120
+    while not list(sweep.glob("0_*/state.pt")):
+        assert proc.poll() is None and time.time() < end
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (job,) = sweep.glob("0_*")
+    assert "=" in job.name and "," in job.name and not (job / "checkpoint.pt").exists()
+    resumed = kd(RUN[0], f"resume={job}")
+    assert resumed.stdout.strip().splitlines()[-1].startswith("test errors: ")
+    history = json.loads((job / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 26)) and not (job / "state.pt").exists()
