@@ -2,6 +2,7 @@
 
     python scripts/paper_table.py                    # the default recipes, seeds 0 1 2 for students
     python scripts/paper_table.py --seeds 0 --extra "epochs=1 data.train_limit=2000"   # a smoke run
+    python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt --T 5
 
 Runs the installed `kd` (one teacher, then each student seed with hard labels and distilled from
 that teacher), each in outputs/paper-table/<stamp>/<stage>-seed<k>, and prints a Markdown table:
@@ -34,6 +35,9 @@ def main():
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--extra", default="", help="overrides added to every stage (e.g. device=cuda)")
     ap.add_argument("--teacher-extra", default="", help="overrides for the teacher only")
+    ap.add_argument("--teacher", default=None,
+                    help="an existing teacher checkpoint.pt: reuse it instead of training one (its own "
+                         "metrics.json gives the teacher row)")
     ap.add_argument("--out", default=None, help="folder for the runs (default outputs/paper-table/<stamp>)")
     args = ap.parse_args()
 
@@ -41,10 +45,13 @@ def main():
     extra = shlex.split(args.extra)
     started = time.time()
     rows = {"teacher": [], "student": [], "distilled": []}
-    t = run("train-teacher", out / f"teacher-seed{args.teacher_seed}",
-            [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)])
-    rows["teacher"].append(t)
-    teacher_ckpt = (out / f"teacher-seed{args.teacher_seed}" / "checkpoint.pt").resolve()
+    if args.teacher:
+        teacher_ckpt = Path(args.teacher).resolve()
+        rows["teacher"].append(json.loads((teacher_ckpt.parent / "metrics.json").read_text()))
+    else:
+        rows["teacher"].append(run("train-teacher", out / f"teacher-seed{args.teacher_seed}",
+                                   [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)]))
+        teacher_ckpt = (out / f"teacher-seed{args.teacher_seed}" / "checkpoint.pt").resolve()
     for seed in args.seeds:
         rows["student"].append(run("train-student", out / f"student-seed{seed}", [f"seed={seed}", *extra]))
         rows["distilled"].append(run("distill", out / f"distilled-seed{seed}",
@@ -67,7 +74,8 @@ def main():
     lines.append("")
     lines.append(f"Test errors out of {rows['teacher'][0]['test_total']}. Distillation closes "
                  f"{100 * closed:.0f}% of the student-teacher gap (paper: {100 * (146 - 74) / (146 - 67):.0f}%). "
-                 f"Whole table: {(time.time() - started) / 60:.1f} min wall.")
+                 f"Whole table: {(time.time() - started) / 60:.1f} min wall"
+                 f"{' (teacher reused from ' + str(teacher_ckpt) + ', not retrained)' if args.teacher else ''}.")
     text = "\n".join(lines)
     print(text)
     (out / "table.md").write_text(text + "\n")
