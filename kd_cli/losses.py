@@ -19,18 +19,25 @@ def soft_loss(student_logits, log_p, T):
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
+def with_hard_labels(weighted_soft_term, student_logits, labels, alpha):
+    """alpha * CE(softmax(z), y) + weighted_soft_term(1 - alpha). The soft term is only computed
+    when it has weight, and the labels are only read when alpha > 0 (an unlabeled transfer set).
+    The soft term applies its weight itself, so its float operations keep their order."""
+    loss = 0.0
+    if alpha < 1:
+        loss = weighted_soft_term(1 - alpha)
+    if alpha > 0:
+        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+    return loss
+
+
 def distillation_loss(student_logits, labels, log_p, T, alpha):
     """alpha * CE(softmax(z), y) + (1 - alpha) * T^2 * KL(p || softmax(z/T)).
 
     T^2 keeps the soft gradients' scale independent of T. alpha=1 is plain supervised training;
     with alpha=0 the labels are never read (an unlabeled transfer set).
     """
-    loss = 0.0
-    if alpha < 1:
-        loss = (1 - alpha) * T * T * soft_loss(student_logits, log_p, T)
-    if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student_logits, labels)
-    return loss
+    return with_hard_labels(lambda w: w * T * T * soft_loss(student_logits, log_p, T), student_logits, labels, alpha)
 
 
 def logit_mse(student_logits, teacher_logits):
@@ -43,9 +50,4 @@ def logit_mse(student_logits, teacher_logits):
 
 def logit_matching_loss(student_logits, labels, teacher_logits, alpha):
     """alpha * CE(softmax(z), y) + (1 - alpha) * logit_mse(z, v): `loss=logit_mse` of kd distill."""
-    loss = 0.0
-    if alpha < 1:
-        loss = (1 - alpha) * logit_mse(student_logits, teacher_logits)
-    if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student_logits, labels)
-    return loss
+    return with_hard_labels(lambda w: w * logit_mse(student_logits, teacher_logits), student_logits, labels, alpha)
