@@ -15,6 +15,11 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "stage", "arch", "state_dict")
 
 
+def cpu_weights(model):
+    """A model's state_dict as CPU tensors: what a checkpoint stores, loadable on any device."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(path, payload, durable=True):
     """Write to a temporary file in the same folder, then rename: a run killed mid-write never
     leaves a half-written file behind, and a failed write (disk full, no permission) leaves the

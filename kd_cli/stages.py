@@ -5,14 +5,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_json, sha256_of
+from .checkpoint import cpu_weights, load_checkpoint, save_checkpoint, save_json, sha256_of
 from .data import load_mnist, split_validation, transfer_set
 from .errors import KDError
 from .evaluate import count_errors, errors_on, fit_bias_shift, predict_logits, shift_biases
 from .specialists import active_specialists, combine, covariance_clusters, specialist_data, specialist_head
 from .losses import distillation_loss, logit_matching_loss, soft_targets
 from .models import MLP, build_mlp
-from .teachers import COMBINE, check_same_data, combine_log_probs, load_teacher, resolve_teacher, teacher_logits
+from .teachers import COMBINE, combine_log_probs, load_model, load_teacher, resolve_teacher, teacher_logits
 from .train import SCHEDULES, Recipe, train
 
 TRAINING_STAGES = ("train-teacher", "train-student", "distill")
@@ -225,7 +225,7 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
         "history": result["history"],
     }
     payload = {"stage": stage, "arch": model.arch,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "state_dict": cpu_weights(model),
                "config": OmegaConf.to_container(cfg, resolve=True), "metrics": metrics}
     if teacher is not None:
         payload["teacher"] = teacher
@@ -390,7 +390,7 @@ def train_specialists(cfg, out_dir):
         models.append(model.eval())
         records.append({"classes": classes, "train_images": int(ys.numel()), "dustbin_shift": round(shift, 6),
                         "train_seconds": round(result["train_seconds"], 3), "arch": model.arch,
-                        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+                        "state_dict": cpu_weights(model)})
     p_g = torch.softmax(predict_logits(generalist, test_x, batch), 1)
     p_m = [torch.softmax(predict_logits(m, test_x, batch), 1) for m in models]
     active = active_specialists(p_g, subsets, int(cfg.top_n))
@@ -411,7 +411,7 @@ def train_specialists(cfg, out_dir):
                "train_seconds": round(sum(r["train_seconds"] for r in records), 3)}
     save_checkpoint(Path(out_dir) / "checkpoint.pt", {
         "stage": "train-specialists", "arch": generalist.arch,
-        "state_dict": {k: v.detach().cpu() for k, v in generalist.state_dict().items()},
+        "state_dict": cpu_weights(generalist),
         "specialists": records, "config": OmegaConf.to_container(cfg, resolve=True),
         "teacher": {"path": info["path"], "sha256": info["sha256"]}, "metrics": metrics})
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
@@ -419,17 +419,6 @@ def train_specialists(cfg, out_dir):
           f"(active on {metrics['cases_with_active_specialists']} cases): {together['test_errors']}", flush=True)
     save_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
-
-
-def _load_model(path, device, data_name):
-    ckpt = load_checkpoint(path)
-    check_same_data(ckpt, path, data_name, "checkpoint")
-    model = build_mlp(ckpt["arch"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise KDError(f"{path}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
-    return ckpt, model.to(device)
 
 
 def evaluate(cfg, out_dir):
@@ -444,7 +433,7 @@ def evaluate(cfg, out_dir):
     _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1,
                                       name=cfg.data.name)
     batch = int(cfg.eval_batch_size)
-    loaded = [_load_model(p, device, cfg.data.name) for p in paths]
+    loaded = [load_model(p, device, cfg.data.name) for p in paths]
     logits = [predict_logits(model, test_x, batch) for _, model in loaded]
     extra = {}
     if len(paths) > 1:  # an ensemble: each member, then the members' combined distribution

@@ -56,20 +56,27 @@ def check_same_data(ckpt, path, name, role):
                       f"pass data={trained_on(ckpt)} or another {role}")
 
 
+def load_model(path, device, data_name, role="checkpoint"):
+    """(checkpoint dict, its model on `device`) for any kd checkpoint, refusing one trained on
+    another data set or whose weights do not fit its architecture."""
+    ckpt = load_checkpoint(path)
+    check_same_data(ckpt, path, data_name, role)
+    model = build_mlp(ckpt["arch"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise KDError(f"{role} {path}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
+    return ckpt, model.to(device)
+
+
 def load_teacher(path, device, in_features, out_features, data_name="mnist"):
     """The teacher model in eval mode, and what a distilled student records about it."""
-    ckpt = load_checkpoint(path)
-    check_same_data(ckpt, path, data_name, "teacher")
+    ckpt, model = load_model(path, device, data_name, "teacher")
     arch = ckpt["arch"]
     if (arch.get("in_features"), arch.get("out_features")) != (in_features, out_features):
         raise KDError(f"teacher {path} maps {arch.get('in_features')} inputs to {arch.get('out_features')} "
                       f"classes; this data set needs {in_features} -> {out_features}")
-    model = build_mlp(arch)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise KDError(f"teacher {path}: weights do not match its architecture ({str(e).splitlines()[0]})") from None
-    model.to(device).eval()
+    model.eval()
     info = {"path": str(Path(path).resolve()), "sha256": sha256_of(path),
             "stage": ckpt["stage"], "test_errors": ckpt.get("metrics", {}).get("test_errors")}
     return model, info
