@@ -34,22 +34,6 @@ tabulates and plots one. Data: set KD_DATA_ROOT to the folder that holds MNIST/r
 # Hydra flags that only print or inspect: no run, so no value checks before them
 INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--resolve", "--shell-completion", "-sc")
 
-ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason, in its folder (kd report reads it)
-_sweeps = []  # the sweep folder of a finished multirun (set by SweepEnd, in the launching process)
-
-
-class SweepEnd:
-    """Hydra callback: once every job of a sweep ended (whichever launcher ran them, in whatever
-    processes), remember the sweep folder so kd can report on it and exit non-zero on failures."""
-
-    def on_multirun_end(self, config, **kwargs):
-        _sweeps.append(Path(config.hydra.sweep.dir))
-
-    def __getattr__(self, name):  # Hydra's other hooks: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
-
 
 def _fail(message):
     print(f"kd: error: {message}", file=sys.stderr)
@@ -120,8 +104,7 @@ def resume_overrides(stage, overrides):
     if started_as != stage:
         raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
     check_resume(run_dir)  # before Hydra rewrites anything in that folder
-    return quote_paths([*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}",
-                        f"hydra.run.dir={run_dir}"])
+    return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
 def check_overrides(stage, config_name, overrides):
@@ -167,6 +150,7 @@ def _task(stage):
     from hydra.types import RunMode
 
     from . import stages
+    from .report import ERROR_FILE
     from .train import Interrupted
 
     def run(cfg):
@@ -180,7 +164,7 @@ def _task(stage):
         except KDError as e:
             if hc.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
                 logging.getLogger("kd").error("job %s failed: %s", hc.job.num, e)
-                Path(hc.runtime.output_dir, ERROR_FILE).write_text(f"{e}\n")
+                Path(hc.runtime.output_dir, ERROR_FILE).write_text(f"{e}\n")  # for kd report
                 return None
             _fail(str(e))
             sys.exit(2)
@@ -203,25 +187,31 @@ def main(argv=None):
         _fail(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (kd --help)")
         return 2
     config_name = STAGES[stage][0]
-    if not any(a.split("=")[0] in INSPECT_FLAGS for a in overrides):
-        try:
-            overrides = quote_paths(resume_overrides(stage, overrides))
+    inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
+    try:
+        if not inspect_only:
+            overrides = resume_overrides(stage, overrides)  # reads resume=<dir> as typed
+        # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
+        flags = [o for o in overrides if o in ("-m", "--multirun")]
+        overrides = [*flags, *quote_paths(o for o in overrides if o not in flags)]
+        if not inspect_only:
             check_overrides(stage, config_name, overrides)
-        except KDError as e:
-            _fail(str(e))
-            return 2
+    except KDError as e:
+        _fail(str(e))
+        return 2
 
     import hydra
 
-    # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
-    flags = [o for o in overrides if o in ("-m", "--multirun")]
-    sys.argv = [f"kd {stage}", *flags, *quote_paths(o for o in overrides if o not in flags)]
+    sys.argv = [f"kd {stage}", *overrides]
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
     except KeyboardInterrupt:
         _fail("interrupted; this run wrote no checkpoint (checkpoints are only ever written whole)")
         return 130
-    for sweep in _sweeps:
+    from .report import ERROR_FILE
+    from .sweep_end import finished
+
+    for sweep in finished:
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
         _report_quietly(sweep)
         if failed:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from .errors import KDError
 
 SEED = "seed"
+ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason, written in its folder by kd's CLI
 
 
 def find_jobs(paths):
@@ -36,8 +37,8 @@ def _job_order(path):
 
 
 def _last_error(job):
-    if (job / "error.txt").exists():
-        return (job / "error.txt").read_text().strip().splitlines()[-1]
+    if (job / ERROR_FILE).exists():
+        return (job / ERROR_FILE).read_text().strip().splitlines()[-1]
     for log in job.glob("*.log"):
         errors = [line for line in log.read_text(errors="replace").splitlines() if "ERROR" in line]
         if errors:
