@@ -27,8 +27,22 @@ def test_teacher_and_student_defaults_match_the_paper():
     assert t.data.jitter == 2
     s = composed("train-student")
     assert list(s.model.hidden) == [800, 800] and s.model.max_norm is None and s.data.jitter == 0
-    d = composed("distill")
-    assert d.T == 20 and d.alpha == 0.1 and d.teacher is None and d.data.jitter == 0
+    d = composed("distill", "recipe=student")  # the paper's setup
+    assert d.T == 20 and d.alpha == 0.1 and d.teacher is None and d.data.jitter == 0 and d.epochs == s.epochs
+
+
+def test_distill_default_recipe_and_overrides_win():
+    d = composed("distill")  # the validation-chosen recipe: T=5 on a jittered transfer set
+    assert d.T == 5 and d.data.jitter == 2 and d.epochs == 60 and d.alpha == 0.1
+    assert d.lr == composed("train-student").lr  # otherwise the student's optimizer recipe
+    d = composed("distill", "T=20", "data.jitter=0", "epochs=7")
+    assert d.T == 20 and d.data.jitter == 0 and d.epochs == 7
+
+
+def test_transfer_presets_keep_the_papers_setup():
+    for preset in ("omit3", "only78", "little_data"):
+        d = composed("distill", f"experiment={preset}")
+        assert d.T == 20 and d.data.jitter == 0, preset
 
 
 def test_hinton2012_preset_and_overrides_win():
