@@ -15,8 +15,10 @@ from kd_cli.errors import KDError
 
 from conftest import KD
 
-# long enough (about 40 batches an epoch, many epochs) that a signal lands mid-training
-RUN = ["train-teacher", "model.hidden=[128,128]", "epochs=25", "batch_size=15"]
+# about 40 batches an epoch; the epochs make the run a few seconds long even on a fast machine, so
+# a signal sent after the first epoch's save lands mid-training
+EPOCHS = 60
+RUN = ["train-teacher", "model.hidden=[128,128]", f"epochs={EPOCHS}", "batch_size=15"]
 
 
 def start(kd, run_dir, args=RUN):
@@ -31,6 +33,14 @@ def wait_for(path, proc, timeout=120):
         assert proc.poll() is None, proc.stderr.read()
         assert time.time() < end
         time.sleep(0.02)
+
+
+def somewhere_mid_run(finished_run):
+    """Seconds to wait after the first epoch's save: a random point in the first 40% of what a
+    whole run of the same args took on this machine, so the signal lands mid-training on a fast
+    machine as on a slow one (a fixed 0-1 s outlived a whole run on CI's machine)."""
+    train_seconds = json.loads((finished_run / "metrics.json").read_text())["train_seconds"]
+    return random.uniform(0, 0.4 * train_seconds)
 
 
 def assert_same_run(a, b):
@@ -56,12 +66,12 @@ def test_sigkill_at_a_random_batch_then_resume(kd, untouched, attempt):
     run_dir = kd.cwd / "killed"
     proc = start(kd, run_dir)
     wait_for(run_dir / "state.pt", proc)  # the first epoch's state is saved
-    time.sleep(random.uniform(0, 1.0))
+    time.sleep(somewhere_mid_run(untouched))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "checkpoint.pt").exists()
     state = load_checkpoint(run_dir / "state.pt")  # whole, even if the kill hit a save
-    assert 1 <= state["epoch"] < 25
+    assert 1 <= state["epoch"] < EPOCHS
     kd(RUN[0], f"resume={run_dir}")
     assert_same_run(run_dir, untouched)
 
@@ -71,7 +81,7 @@ def test_sigint_and_sigterm_save_at_the_batch_and_say_how_to_resume(kd, untouche
     run_dir = kd.cwd / "stopped"
     proc = start(kd, run_dir)
     wait_for(run_dir / "state.pt", proc)
-    time.sleep(random.uniform(0.1, 0.6))
+    time.sleep(somewhere_mid_run(untouched))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig, err
@@ -89,7 +99,7 @@ def test_a_stopped_distillation_resumes_with_its_own_teacher(kd):
     kd(*args, f"hydra.run.dir={kd.cwd / 'whole'}")
     proc = start(kd, kd.cwd / "stopped", args)
     wait_for(kd.cwd / "stopped" / "state.pt", proc)
-    time.sleep(random.uniform(0.1, 0.4))
+    time.sleep(somewhere_mid_run(kd.cwd / "whole"))
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -142,7 +152,7 @@ def test_runs_started_together_get_their_own_folders(kd):
 
 
 def test_a_killed_sweep_job_resumes_from_its_folder(kd):
-    """A sweep job's folder name holds '=' and ',' (0_epochs=25,...): resume= takes it as typed."""
+    """A sweep job's folder name holds '=' and ',' (0_epochs=60,...): resume= takes it as typed."""
     sweep = kd.cwd / "sweep"
     args = [*RUN, "-m", "seed=3,4"]
     env = {**os.environ, "KD_DATA_ROOT": str(kd.root)}
@@ -159,4 +169,4 @@ def test_a_killed_sweep_job_resumes_from_its_folder(kd):
     resumed = kd(RUN[0], f"resume={job}")
     assert resumed.stdout.strip().splitlines()[-1].startswith("test errors: ")
     history = json.loads((job / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == list(range(1, 26)) and not (job / "state.pt").exists()
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)) and not (job / "state.pt").exists()
