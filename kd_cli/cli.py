@@ -202,14 +202,18 @@ def main(argv=None):
 
     import hydra
 
-    sys.argv = [f"kd {stage}", *overrides]
+    from .report import ERROR_FILE
+    from .sweep_end import finished
+
+    finished.clear()  # kd called again in one process (the tests do) reports only its own sweep
+    argv_before, sys.argv = sys.argv, [f"kd {stage}", *overrides]
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(_task(stage))()
     except KeyboardInterrupt:
         _fail("interrupted; this run wrote no checkpoint (checkpoints are only ever written whole)")
         return 130
-    from .report import ERROR_FILE
-    from .sweep_end import finished
+    finally:
+        sys.argv = argv_before
 
     for sweep in finished:
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))

@@ -1,6 +1,7 @@
 """The one training loop every stage uses: in-memory tensors, SGD, a per-step schedule."""
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -89,6 +90,18 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+def signal_at_from_env():
+    """A test hook: KD_TEST_SIGNAL_AT="SIGTERM@2:5" makes the run send itself that signal just
+    before batch 5 (0-based) of epoch 2 (1-based, as "stopped at epoch 2, batch 5" says), so
+    tests stop or kill a run at a chosen batch instead of sleeping a guessed time. Unset: None."""
+    spec = os.environ.get("KD_TEST_SIGNAL_AT")
+    if not spec:
+        return None
+    name, _, where = spec.partition("@")
+    epoch, _, step = where.partition(":")
+    return signal.Signals[name], int(epoch) - 1, int(step)
+
+
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -140,6 +153,7 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
 
     bar = tqdm(range(at["epoch"], recipe.epochs), desc=desc, unit="epoch", file=sys.stderr,
                dynamic_ncols=True, initial=at["epoch"], total=recipe.epochs)
+    signal_at = signal_at_from_env()
     with stop_requests() as stop:
         for epoch in bar:
             start = time.perf_counter()
@@ -158,6 +172,8 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                 first_step, loss_sum = at["step"], state["loss_sum"]
             resumed = False
             for step in range(first_step, steps_per_epoch):
+                if signal_at is not None and signal_at[1:] == (epoch, step):
+                    signal.raise_signal(signal_at[0])  # runs the handler before it returns
                 if stop:
                     at["train_seconds"] += time.perf_counter() - start
                     save(epoch, step, loss_sum, rng_epoch, mid_epoch=True)

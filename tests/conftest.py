@@ -1,14 +1,35 @@
-"""Shared fixtures: a tiny synthetic MNIST in torchvision's layout, and the installed `kd`."""
+"""Shared fixtures: a tiny synthetic MNIST in torchvision's layout, and `kd` run in-process (or,
+where a real process is the point, as the installed command).
+
+`pytest --reverse` runs the tests in reverse order: the suite must not depend on its order."""
+import contextlib
+import io
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 KD = str(Path(sys.executable).with_name("kd"))
+TINY = ["model.hidden=[16]"]  # a width that learns the synthetic digits in a few epochs
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true", help="run the tests in reverse order")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "subprocess: runs the installed `kd` as a real process "
+                            "(signals, launchers); select with -m subprocess")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
 
 
 def write_idx(path, array):
@@ -20,7 +41,8 @@ def write_idx(path, array):
 
 
 def synthetic_digits(n, rng):
-    """Learnable images: class c lights a 4x4 block at its own place, plus noise."""
+    """Learnable images: class c lights a 4x4 block at its own place, plus noise (so every image
+    is unique, and an image can be recognised by its pixels)."""
     labels = rng.integers(0, 10, n)
     images = rng.integers(0, 60, (n, 28, 28))
     for i, c in enumerate(labels):
@@ -29,29 +51,63 @@ def synthetic_digits(n, rng):
     return images, labels
 
 
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    """A data root with 600 training and 200 test images under MNIST/raw."""
-    root = tmp_path_factory.mktemp("data")
+def write_root(root, n_train=600, n_test=200, seed=0):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 600), ("t10k", 200)):
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
         x, y = synthetic_digits(n, rng)
         write_idx(raw / f"{split}-images-idx3-ubyte", x)
         write_idx(raw / f"{split}-labels-idx1-ubyte", y)
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """A data root with 600 training and 200 test images under MNIST/raw."""
+    return write_root(tmp_path_factory.mktemp("data"))
+
+
+def run_in_process(args, cwd, env):
+    """`kd *args` in this process, as the console script would run it: (exit code, stdout, stderr)."""
+    from kd_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args)) or 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture
 def kd(tmp_path, tiny_root):
-    """Run the installed `kd` in tmp_path (so outputs/ lands there) on the tiny data set."""
-    def run(*args, check=True):
-        env = {**os.environ, "KD_DATA_ROOT": str(tiny_root), "HYDRA_FULL_ERROR": "0"}
-        proc = subprocess.run([KD, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+    """`kd(*args)` runs kd in-process in tmp_path (so outputs/ lands there) on the tiny data set;
+    `kd.process(*args)` runs the installed command instead. Both return returncode, stdout, stderr
+    and, with check=True, fail the test on a non-zero exit."""
+    env = {"KD_DATA_ROOT": str(tiny_root), "HYDRA_FULL_ERROR": "0"}
+
+    def checked(proc, args, check):
         if check and proc.returncode != 0:
             raise AssertionError(f"kd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return proc
-    run.cwd, run.root = tmp_path, tiny_root
+
+    def run(*args, check=True, extra_env=None):
+        return checked(run_in_process(args, tmp_path, {**env, **(extra_env or {})}), args, check)
+
+    def process(*args, check=True, extra_env=None):
+        proc = subprocess.run([KD, *args], cwd=tmp_path, env={**os.environ, **env, **(extra_env or {})},
+                              capture_output=True, text=True, timeout=300)
+        return checked(proc, args, check)
+
+    run.process, run.cwd, run.root = process, tmp_path, tiny_root
     return run
