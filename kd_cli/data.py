@@ -1,5 +1,8 @@
 """MNIST as tensors in memory on the run's device, and the batched pixel jitter."""
+import math
 import os
+import struct
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,35 +16,47 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # data.name -> torchvision class and folder
 
 
+def read_idx(path):
+    """An IDX file as MNIST ships it, as a uint8 tensor: magic (0, 0, 0x08 = unsigned byte,
+    ndim), ndim big-endian uint32 sizes, then the data. Read here rather than through
+    torchvision, whose import alone took 5 s of every kd start-up."""
+    data = path.read_bytes()
+    ndim = data[3] if len(data) > 3 and data[:3] == b"\0\0\x08" else 0
+    head = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:head]) if ndim and len(data) >= head else ()
+    if not dims or len(data) != head + math.prod(dims):
+        raise KDError(f"{path} is not a whole IDX file of unsigned bytes (truncated or another format); "
+                      "delete it to download it again, or fix KD_DATA_ROOT")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=head).view(*dims)
+
+
 def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist"):
     """Return (train_x, train_y, test_x, test_y): images as float32 [N, 28, 28] in [0, 1], of
     MNIST or of Fashion-MNIST (the same file format, in root/FashionMNIST/raw)."""
-    import torchvision.datasets  # imported here: it is slow and only this needs it
-
     if name not in DATASETS:
         raise KDError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
     folder = DATASETS[name]
-    root = os.path.expanduser(str(root))
-    raw = os.path.join(root, folder, "raw")
-    have = all(os.path.exists(os.path.join(raw, f)) for f in MNIST_FILES)
-    if not have and not download:
-        raise KDError(f"{folder} not found under {raw}; set KD_DATA_ROOT (or data.root=) to the folder "
-                      f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
-    dataset = getattr(torchvision.datasets, folder)
-    try:
-        train = dataset(root, train=True, download=download and not have)
-        test = dataset(root, train=False, download=False)
-    except (RuntimeError, OSError) as e:
-        raise KDError(f"could not read or download {folder} into {root} ({str(e).splitlines()[0]}); "
-                      f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
+    root = Path(os.path.expanduser(str(root)))
+    raw = root / folder / "raw"
+    if not all((raw / f).exists() for f in MNIST_FILES):
+        if not download:
+            raise KDError(f"{folder} not found under {raw}; set KD_DATA_ROOT (or data.root=) to the folder "
+                          f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
+        import torchvision.datasets  # only to fetch the files: its import is slow
 
-    def as_tensors(ds, limit=None):
-        x, y = ds.data, ds.targets
-        if limit is not None:
-            x, y = x[:limit], y[:limit]
-        return (x.to(device).float().div_(255.0), y.to(device).long())
+        try:
+            getattr(torchvision.datasets, folder)(str(root), train=True, download=True)
+        except (RuntimeError, OSError) as e:
+            raise KDError(f"could not download {folder} into {root} ({str(e).splitlines()[0]}); "
+                          f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
+    train_images, train_labels, test_images, test_labels = (read_idx(raw / f) for f in MNIST_FILES)
+    if train_limit is not None:
+        train_images, train_labels = train_images[:train_limit], train_labels[:train_limit]
 
-    return (*as_tensors(train, train_limit), *as_tensors(test))
+    def as_tensors(images, labels):
+        return images.to(device).float().div_(255.0), labels.to(device).long()
+
+    return (*as_tensors(train_images, train_labels), *as_tensors(test_images, test_labels))
 
 
 def split_validation(x, y, val_size, seed=0):

@@ -1,4 +1,4 @@
-"""The installed `kd` end to end, as a subprocess on tiny synthetic data."""
+"""`kd` end to end (in-process, as the console script runs it) on tiny synthetic data."""
 import json
 
 import pytest

@@ -1,6 +1,9 @@
 """Loading MNIST into tensors, and the batched jitter."""
+import numpy as np
 import pytest
 import torch
+
+from conftest import write_idx
 
 from kd_cli.data import jitter, load_mnist, split_validation
 from kd_cli.errors import KDError
@@ -39,11 +42,26 @@ def test_jitter_is_fresh_per_call_and_seeded():
     assert jitter(images, 0) is images
 
 
-def test_load_mnist_tensors(tiny_root):
-    tx, ty, sx, sy = load_mnist(tiny_root, download=False, train_limit=100)
-    assert tx.shape == (100, 28, 28) and sx.shape == (200, 28, 28)
-    assert tx.dtype == torch.float32 and 0 <= tx.min() and tx.max() == 1.0
-    assert ty.dtype == torch.long and sy.shape == (200,)
+def test_load_mnist_reads_the_idx_files_exactly(tmp_path):
+    rng = np.random.default_rng(3)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (30, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, 30),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, 7)}
+    for name, a in arrays.items():
+        write_idx(raw / name, a)
+    tx, ty, sx, sy = load_mnist(tmp_path, download=False, train_limit=20)
+    assert tx.dtype == torch.float32 and ty.dtype == torch.long
+    assert torch.equal(tx, torch.tensor(arrays["train-images-idx3-ubyte"][:20] / 255.0, dtype=torch.float32))
+    assert ty.tolist() == arrays["train-labels-idx1-ubyte"][:20].tolist()
+    assert torch.equal(sx, torch.tensor(arrays["t10k-images-idx3-ubyte"] / 255.0, dtype=torch.float32))
+    assert sy.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:-1])
+    with pytest.raises(KDError, match="not a whole IDX file"):
+        load_mnist(tmp_path, download=False)
 
 
 def test_missing_data_names_kd_data_root(tmp_path):

@@ -30,6 +30,7 @@ def teacher(kd):
     return kd.cwd / "teacher" / "checkpoint.pt"
 
 
+@pytest.mark.subprocess
 def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teacher):
     missing = kd.cwd / "no-such-teacher.pt"
     sweep_args = ["distill", "-m", "T=2,5", f"teacher={teacher},{missing}", *SMALL]
@@ -37,7 +38,8 @@ def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teache
     for launcher in ("basic", "joblib"):
         sweeps[launcher] = kd.cwd / launcher
         extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-        proc = kd(*sweep_args, *extra, f"hydra.sweep.dir={sweeps[launcher]}", check=False)
+        run = kd.process if launcher == "joblib" else kd  # joblib's workers: a real process tree
+        proc = run(*sweep_args, *extra, f"hydra.sweep.dir={sweeps[launcher]}", check=False)
         assert proc.returncode == 1, proc.stderr  # two jobs failed ...
         assert "2 job(s) of the sweep failed" in proc.stderr and "teacher checkpoint not found" in proc.stderr
         assert len(jobs_of(sweeps[launcher])) == 4
@@ -75,9 +77,10 @@ def test_report_needs_runs(kd):
     assert proc.returncode == 2 and "no kd runs" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_submitit_local_launcher_runs_the_same_jobs(kd):
     basic, local = kd.cwd / "basic", kd.cwd / "submitit"
     args = ["train-student", "-m", "seed=0,1", *SMALL]
     kd(*args, f"hydra.sweep.dir={basic}")
-    kd(*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={local}")
+    kd.process(*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={local}")
     assert len(results(local)) == 2 and results(local) == results(basic)

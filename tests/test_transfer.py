@@ -1,8 +1,6 @@
 """Transfer-set controls and bias correction (the paper's omitted-class and little-data studies)."""
 import json
-import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from kd_cli.errors import KDError
 from kd_cli.evaluate import errors_on, fit_bias_shift, shift_biases
 from kd_cli.models import MLP
 
-from conftest import KD, write_idx
+from conftest import write_idx
 
 
 def labels_with_counts(counts):
@@ -162,9 +160,8 @@ def test_fitting_the_bias_never_reads_the_test_set(kd, tiny_root, tmp_path):
     results = []
     for root in (tiny_root, other):
         run_dir = tmp_path / f"eval-{root.name}"
-        env = {**os.environ, "KD_DATA_ROOT": str(root)}
-        subprocess.run([KD, "evaluate", f"checkpoint={tmp_path / 'student' / 'checkpoint.pt'}", "fit_bias=[3]",
-                        f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, check=True, capture_output=True)
+        kd("evaluate", f"checkpoint={tmp_path / 'student' / 'checkpoint.pt'}", "fit_bias=[3]",
+           f"hydra.run.dir={run_dir}", extra_env={"KD_DATA_ROOT": str(root)})
         results.append(json.loads((run_dir / "metrics.json").read_text()))
     a, b = (r["bias"] for r in results)
     assert a["shift"] == b["shift"] and a["val_errors_after"] == b["val_errors_after"]
