@@ -118,8 +118,9 @@ def set_rng_state(state, device):
 def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0, evaluate=None,
           desc="train", state_path=None, state_extra=None, batch_targets=None):
     """Train `model` in place on images x [N, 28, 28] and per-image `targets` (a tuple of tensors
-    indexed like x), calling loss_fn(logits, *batch_targets). After each epoch `evaluate(model)`
-    gives a dict of error counts, kept in the history and shown on the bar. `batch_targets(xb)`,
+    indexed like x), calling loss_fn(logits, *batch_targets). Before the first epoch and after
+    each one `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the
+    untrained model) and shown on the bar. `batch_targets(xb)`,
     if given, adds targets computed from each (jittered) batch: a teacher run per batch when the
     transfer set is augmented.
 
@@ -151,6 +152,8 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
             "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
             "mid_epoch": mid_epoch, "rng": rng_state(device)}, durable=False)
 
+    if evaluate is not None and not resumed:  # where it started: the untrained model's errors
+        at["history"].append({"epoch": 0, **evaluate(model)})
     bar = tqdm(range(at["epoch"], recipe.epochs), desc=desc, unit="epoch", file=sys.stderr,
                dynamic_ncols=True, initial=at["epoch"], total=recipe.epochs)
     signal_at = signal_at_from_env()

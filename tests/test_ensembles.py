@@ -16,10 +16,12 @@ def test_arithmetic_and_geometric_means_by_hand():
     # geometric: sqrt(.9 * .5) = .6708, sqrt(.1 * .5) = .2236, renormalised: .75, .25
     geometric = combine_log_probs(p.log(), "geometric").exp()
     torch.testing.assert_close(geometric, torch.tensor([[0.75, 0.25]]))
-    # averaging the logits gives the geometric mean, never the arithmetic one
-    mean_logits = torch.softmax(p.log().mean(0), dim=-1)
-    torch.testing.assert_close(mean_logits, geometric)
-    assert not torch.allclose(mean_logits, arithmetic)
+    # averaging logits (log p plus any per-teacher, per-case constant) gives the geometric mean
+    # computed by hand above, never the arithmetic one
+    logits = p.log() + torch.tensor([[[3.0]], [[-7.0]]])
+    mean_logits = torch.softmax(logits.mean(0), dim=-1)
+    torch.testing.assert_close(mean_logits, torch.tensor([[0.75, 0.25]]))
+    assert not torch.allclose(mean_logits, torch.tensor([[0.7, 0.3]]))
 
 
 def test_combinations_are_distributions_and_one_teacher_is_itself():

@@ -1,0 +1,211 @@
+"""The invariants of the method, checked on whole runs against a second, plain implementation:
+what the teacher does when it makes targets, what reaches the loss, what the model trains and
+is evaluated on. Every module forward is watched through torch's global forward hook, so these
+tests hold whatever kd's own functions are called."""
+import json
+import math
+
+import pytest
+import torch
+
+from kd_cli import losses
+from kd_cli.checkpoint import load_checkpoint, save_checkpoint
+from kd_cli.data import load_mnist
+from kd_cli.models import MLP
+
+STUDENT, TEACHER = 16, 24  # hidden widths: a forward is the student's or the teacher's by its width
+
+
+def plain_logits(checkpoint, x):
+    """A checkpoint's logits in eval mode, in float64, from its weights alone (no kd code)."""
+    w = load_checkpoint(checkpoint)["state_dict"]
+    h = x.flatten(1).double()
+    layers = sorted({k.split(".")[1] for k in w if k.startswith("hidden.")}, key=int)
+    for i in layers:
+        h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
+    return h @ w["out.weight"].double().T + w["out.bias"].double()
+
+
+@pytest.fixture
+def forwards():
+    """Every MLP forward of the run: (width, training, grad enabled, input)."""
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(module, MLP):
+            seen.append((module.arch["hidden"][0], module.training, torch.is_grad_enabled(), args[0].detach().clone()))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()
+
+
+@pytest.fixture
+def soft_targets_seen(monkeypatch):
+    """(log p, T) of every soft loss computed: what the student was asked to match."""
+    seen = []
+    real = losses.soft_loss
+
+    def spy(z, log_p, T):
+        seen.append((log_p.detach().clone(), T))
+        return real(z, log_p, T)
+
+    monkeypatch.setattr(losses, "soft_loss", spy)
+    return seen
+
+
+def teacher(kd, name, *args):
+    kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=2", *args, f"hydra.run.dir={kd.cwd / name}")
+    return kd.cwd / name / "checkpoint.pt"
+
+
+def combined(log_ps, how):
+    """The ensemble's log-probabilities, by the formulas: log of the mean probability, or the
+    normalised product (mean log-probability)."""
+    p = torch.stack(log_ps).exp()
+    if how == "arithmetic":
+        return p.mean(0).log()
+    g = p.log().mean(0).exp()
+    return (g / g.sum(1, keepdim=True)).log()
+
+
+@pytest.mark.parametrize("jitter", [0, 2])  # the cached targets and the per-batch teacher
+@pytest.mark.parametrize("how", ["one", "arithmetic", "geometric"])
+def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, forwards, soft_targets_seen,
+                                                                         jitter, how):
+    paths = [teacher(kd, "t0")] + ([teacher(kd, "t1", "seed=1")] if how != "one" else [])
+    forwards.clear()
+    T = 3.0
+    arg = f"teacher={paths[0]}" if how == "one" else f"teacher=[{paths[0]},{paths[1]}]"
+    kd("distill", arg, f"teacher_combine={'arithmetic' if how == 'one' else how}", f"T={T}", f"data.jitter={jitter}",
+       f"model.hidden=[{STUDENT}]", "epochs=2", "batch_size=100", "alpha=0.5", f"hydra.run.dir={kd.cwd / 'd'}")
+    teacher_calls = [f for f in forwards if f[0] == TEACHER]
+    assert teacher_calls and all(not training and not grad for _, training, grad, _ in teacher_calls)
+    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
+    assert len(student_steps) == len(soft_targets_seen) == 2 * 6  # 600 images, batch 100, 2 epochs
+    for xb, (log_p, t) in zip(student_steps, soft_targets_seen):
+        assert t == T
+        want = [torch.log_softmax(plain_logits(p, xb) / T, 1) for p in paths]
+        want = want[0] if how == "one" else combined(want, how)
+        torch.testing.assert_close(log_p.double(), want, atol=1e-4, rtol=1e-4)
+    if how == "arithmetic":  # the two combinations differ here, so using the other one would show
+        other = combined([torch.log_softmax(plain_logits(p, student_steps[0]) / T, 1) for p in paths], "geometric")
+        assert (other - soft_targets_seen[0][0].double()).abs().max() > 1e-3
+    for p in paths:  # nothing flowed back into a teacher's file
+        assert load_checkpoint(p)["metrics"]["stage"] == "train-teacher"
+
+
+def member(path, seed, scale):
+    """A random 784-16-10 checkpoint whose logits are scaled: confident members make the
+    arithmetic and geometric combinations disagree."""
+    torch.manual_seed(seed)
+    m = MLP(hidden=[STUDENT])
+    with torch.no_grad():
+        m.out.weight.mul_(scale)
+    save_checkpoint(path, {"stage": "train-teacher", "arch": m.arch, "state_dict": m.state_dict(),
+                           "config": {"data": {"name": "mnist"}}, "metrics": {}})
+    return path
+
+
+def test_evaluate_reports_the_combination_it_was_asked_for(kd):
+    paths = [member(kd.cwd / f"m{i}.pt", i, scale) for i, scale in enumerate((1, 40, 3))]
+    _, _, test_x, test_y = load_mnist(kd.root)
+    log_ps = [torch.log_softmax(plain_logits(p, test_x), 1) for p in paths]
+    want = {how: int((combined(log_ps, how).argmax(1) != test_y).sum()) for how in ("arithmetic", "geometric")}
+    assert want["arithmetic"] != want["geometric"]  # else the test could not tell them apart
+    for how in want:
+        kd("evaluate", f"checkpoint=[{','.join(map(str, paths))}]", f"combine={how}", f"hydra.run.dir={kd.cwd / how}")
+        m = json.loads((kd.cwd / how / "metrics.json").read_text())
+        assert m["test_errors"] == want[how] and m["ensemble_test_errors"] == want
+        assert [x["test_errors"] for x in m["members"]] == [int((v.argmax(1) != test_y).sum()) for v in log_ps]
+
+
+def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, forwards):
+    path = teacher(kd, "t")  # dropout 0.2 / 0.5: evaluating in train mode would change the answer
+    forwards.clear()
+    for name in ("e1", "e2"):
+        kd("evaluate", f"checkpoint={path}", f"hydra.run.dir={kd.cwd / name}")
+    assert forwards and all(not training for _, training, _, _ in forwards)
+    _, _, test_x, test_y = load_mnist(kd.root)
+    logits = plain_logits(path, test_x)
+    for name in ("e1", "e2"):
+        m = json.loads((kd.cwd / name / "metrics.json").read_text())
+        assert m["test_errors"] == int((logits.argmax(1) != test_y).sum())
+        assert m["per_class_errors"] == torch.bincount(test_y[logits.argmax(1) != test_y], minlength=10).tolist()
+    # and the run's own count, and every per-epoch count, came from the eval-mode model too
+    assert json.loads((path.parent / "metrics.json").read_text())["test_errors"] == m["test_errors"]
+
+
+def rows(x):
+    """Each image as bytes, in order: an image is recognised by its pixels."""
+    return [r.numpy().tobytes() for r in x.flatten(1)]
+
+
+def test_a_validation_split_never_overlaps_the_images_trained_on(kd, forwards):
+    train_x, _, _, _ = load_mnist(kd.root)
+    kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=2", "data.val_size=150", "data.transfer.exclude=[3]",
+       f"hydra.run.dir={kd.cwd / 's'}")
+    trained = set().union(*(rows(x) for w, training, _, x in forwards if training))
+    evaluated = set().union(*(rows(x) for w, training, _, x in forwards if not training))
+    held_out = evaluated & set(rows(train_x))  # evaluated images that come from the training file
+    assert len(held_out) == 150 and not held_out & trained
+    assert len(trained) == json.loads((kd.cwd / "s" / "metrics.json").read_text())["transfer"]["size"]
+    forwards.clear()
+    kd("evaluate", f"checkpoint={kd.cwd / 's' / 'checkpoint.pt'}", "fit_bias=[3]", f"hydra.run.dir={kd.cwd / 'e'}")
+    fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
+    assert len(fitted_on) == 150 and not fitted_on & trained
+    assert fitted_on == held_out
+
+
+def test_configured_max_norm_reaches_the_loop(kd):
+    kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=2", "model.max_norm=0.5", "lr=1.0",
+       f"hydra.run.dir={kd.cwd / 't'}")
+    w = load_checkpoint(kd.cwd / "t" / "checkpoint.pt")["state_dict"]
+    norms = torch.cat([w[k].norm(dim=1) for k in w if k.startswith("hidden.") and k.endswith("weight")])
+    assert norms.max() <= 0.5 * (1 + 1e-5) and norms.max() >= 0.5 * (1 - 1e-3)  # held, and it bound
+
+
+def test_the_teachers_jitter_reaches_the_loop(kd, forwards):
+    """Each training image is seen once an epoch, shifted by its own amount within +-2 px (the
+    teacher's default), with shifts of 2 among them."""
+    train_x, _, _, _ = load_mnist(kd.root)
+    padded = torch.nn.functional.pad(train_x, (2, 2, 2, 2))
+    where = {}
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            shifted = padded[:, 2 - dy:30 - dy, 2 - dx:30 - dx]
+            where.update({r: (i, dy, dx) for i, r in enumerate(rows(shifted))})
+    kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=1", f"hydra.run.dir={kd.cwd / 't'}")
+    seen = [where.get(r) for x in (x for _, training, _, x in forwards if training) for r in rows(x)]
+    assert None not in seen and sorted(i for i, _, _ in seen) == list(range(600))
+    assert max(max(abs(dy), abs(dx)) for _, dy, dx in seen) == 2
+    assert sum((dy, dx) == (0, 0) for _, dy, dx in seen) < 600 / 10  # about 1 in 25 is unshifted
+
+
+def history_and_final(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return [h["test_errors"] for h in m["history"]], m["test_errors"]
+
+
+@pytest.mark.parametrize("stage", ["train-teacher", "train-student", "distill"])
+def test_every_training_stage_learns(kd, stage):
+    """On the synthetic digits (chance: 180 of 200 wrong) each stage ends far below chance and far
+    below its untrained start (history's epoch 0)."""
+    extra = []
+    if stage == "distill":
+        extra = [f"teacher={teacher(kd, 't', 'epochs=5', 'batch_size=50')}"]
+    kd(stage, f"model.hidden=[{STUDENT}]", "epochs=5", "batch_size=50", *extra, f"hydra.run.dir={kd.cwd / 'r'}")
+    history, final = history_and_final(kd.cwd / "r")
+    assert history[0] > 120 and final <= 10 and final == history[-1]
+
+
+def test_specialists_improve_on_a_weak_generalist(kd):
+    """Specialists fine-tuned from a barely trained generalist: the combined model must beat the
+    generalist alone by far, and the generalist's own count must be the checkpoint's."""
+    weak = teacher(kd, "g", "epochs=1", "lr=0.01")
+    kd("train-specialists", f"generalist={weak}", "epochs=5", "lr=0.1", "clusters=3", f"hydra.run.dir={kd.cwd / 's'}")
+    m = json.loads((kd.cwd / "s" / "metrics.json").read_text())
+    _, _, test_x, test_y = load_mnist(kd.root)
+    assert m["generalist_test_errors"] == int((plain_logits(weak, test_x).argmax(1) != test_y).sum())
+    assert m["generalist_test_errors"] > 120 and m["test_errors"] < m["generalist_test_errors"] / 2
+    assert m["errors_where_active"]["combined"] < m["errors_where_active"]["generalist"]
