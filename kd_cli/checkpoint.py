@@ -20,10 +20,11 @@ def cpu_weights(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(path, payload, durable=True):
-    """Write to a temporary file in the same folder, then rename: a run killed mid-write never
-    leaves a half-written file behind, and a failed write (disk full, no permission) leaves the
-    previous file as it was. `durable` also flushes to disk (survives power loss, costs time)."""
+def write_atomically(path, write, durable=False):
+    """Call write(file) on a temporary file in the same folder, then rename it to `path`: a run
+    killed mid-write never leaves a half-written file, and a failed write (disk full, read-only,
+    no permission) leaves the previous file as it was and no temporary file behind. `durable`
+    also flushes to disk (survives power loss, costs time)."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -32,7 +33,7 @@ def save_checkpoint(path, payload, durable=True):
                       "hydra.run.dir") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            write(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -44,6 +45,11 @@ def save_checkpoint(path, payload, durable=True):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path, payload, durable=True):
+    """A checkpoint (or a resumable state): format version first, then the payload."""
+    write_atomically(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f), durable)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -68,6 +74,32 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def check_model(ckpt, path):
+    """Refuse what is not a finished, usable model: a run's resumable state (state.pt), a
+    malformed record, or non-finite weights (a run that diverged)."""
+    path = Path(path)
+    if "optimizer" in ckpt:
+        raise KDError(f"{path} is the resumable state of an unfinished {ckpt['stage']} run, not a model; "
+                      f"continue it with kd {ckpt['stage']} resume={path.parent}, then use its checkpoint.pt")
+    arch = ckpt["arch"]
+    hidden = arch.get("hidden") if isinstance(arch, dict) else None
+    if not (isinstance(hidden, list) and hidden and all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                        for h in hidden)
+            and all(isinstance(arch.get(k, 1), int) and arch.get(k, 1) > 0 for k in ("in_features", "out_features"))):
+        raise KDError(f"{path} has a malformed architecture record ({arch!r}); it was not written by kd")
+    for key in ("config", "metrics"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise KDError(f"{path} has a malformed {key} record; it was not written by kd")
+    weights = ckpt["state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise KDError(f"{path} has a malformed state_dict; it was not written by kd")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise KDError(f"{path} has non-finite weights (NaN or inf in {bad[0]}): the run that wrote it "
+                      "diverged; retrain it (lower lr)")
+    return ckpt
+
+
 def sha256_of(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,7 +117,4 @@ def newest_checkpoint(outputs, stage):
 
 def save_json(path, obj):
     """metrics.json, written like a checkpoint: whole or not at all."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -1,9 +1,11 @@
 """`kd <stage> [key=value ...]`: argv[1] picks the stage, the rest goes to Hydra."""
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+from . import config, run
 from .errors import KDError
 
 CONFIG_MODULE = "kd_cli.conf"
@@ -85,7 +87,8 @@ def quote_paths(overrides):
 
 def resume_overrides(stage, overrides):
     """`kd <stage> resume=<run dir>` continues that run in that folder with the overrides it
-    started with (from its .hydra/overrides.yaml), so it ends exactly as if never stopped."""
+    started with (from its .hydra/overrides.yaml), so it ends exactly as if never stopped;
+    `resume=<sweep dir>` relaunches the sweep's own command into its folder (run.py continues it)."""
     wanted = [o for o in overrides if o.startswith("resume=")]
     if not wanted:
         return overrides
@@ -93,43 +96,63 @@ def resume_overrides(stage, overrides):
         raise KDError("resume=<run dir> takes no other arguments: the run continues with the config it started with")
     import yaml
 
-    from .stages import check_resume
-
     run_dir = Path(wanted[-1].split("=", 1)[1])
+    if (run_dir / "multirun.yaml").is_file():
+        return run.sweep_overrides(stage, run_dir)
     try:
         original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
         started_as = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["name"]
-    except (OSError, KeyError, TypeError):
-        raise KDError(f"{run_dir} is not a kd run folder (no .hydra/overrides.yaml in it)") from None
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise KDError(f"{run_dir} is not a kd run folder (no readable .hydra/overrides.yaml in it)") from None
     if started_as != stage:
         raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
-    check_resume(run_dir)  # before Hydra rewrites anything in that folder
+    run.check_resume(run_dir)  # before Hydra rewrites anything in that folder
     return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
+def _is_hydra_key(override):
+    return override.lstrip("+~").startswith("hydra")
+
+
 def check_overrides(stage, config_name, overrides):
-    """Compose the stage's config once before Hydra runs it, so a typo'd key or a bad value ends
-    in one line with no run folder made; every value of a sweep is checked too."""
+    """Compose the stage's config before Hydra runs it and check every value (every value of a
+    sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
+    folder ends in one line, with no folder made or changed."""
     from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
-    from .stages import validate
-
+    multirun = any(o in ("-m", "--multirun") for o in overrides)
+    args = [o for o in overrides if o not in ("-m", "--multirun")]
     try:
-        single, sweeps = _first_values([o for o in overrides if o != "-m" and o != "--multirun"])
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name, overrides=single)
+            single, sweeps = _first_values(args)
+            cfg = compose(config_name, overrides=single, return_hydra_config=True)
+            config.check(stage, cfg)
+            for key, values in sweeps.items():
+                if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
+                    continue  # a config group (model=a,b) or Hydra's own key: composition checked it
+                for v in values:
+                    trial = cfg.copy()
+                    with open_dict(trial):
+                        OmegaConf.update(trial, key, v, merge=False)
+                    config.check(stage, trial)
+            if multirun:
+                run.check_writable(cfg.hydra.sweep.dir)
+                if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
+                    jobs = BasicSweeper.split_arguments(
+                        OverridesParser.create().parse_overrides([o for o in args if not _is_hydra_key(o)]), None)[0]
+                    run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
+                                                 lambda job: OmegaConf.to_container(compose(config_name, overrides=job)))
+            else:
+                run.check_writable(cfg.hydra.run.dir)
+                if not cfg.get("resume"):
+                    run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
+    except KDError:
+        raise
     except Exception as e:  # Hydra's composition and parse errors have no common base
         raise KDError(_composition_message(stage, e)) from None
-    validate(stage, cfg)
-    for key, values in sweeps.items():
-        if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
-            continue  # a config group (model=a,b) or Hydra's own key: composition checked it
-        for v in values:
-            trial = cfg.copy()
-            with open_dict(trial):
-                OmegaConf.update(trial, key, v, merge=False)
-            validate(stage, trial)
 
 
 def _share_cores(hc):
@@ -148,30 +171,49 @@ def _share_cores(hc):
 def _task(stage):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import open_dict
 
     from . import stages
-    from .report import ERROR_FILE
-    from .train import Interrupted
+    from .train import Diverged, Interrupted
 
-    def run(cfg):
+    def task(cfg):
         hc = HydraConfig.get()
         _share_cores(hc)
+        out, multirun = hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
+        log = logging.getLogger("kd")
+        if multirun:  # a sweep launched into its own folder again continues it
+            held = run.state_of(out)
+            if held == "finished":
+                log.info("job %s finished before; kept as it is", hc.job.num)
+                return json.loads(Path(out, run.METRICS).read_text())
+            if held == "stopped" and "resume" in cfg:
+                with open_dict(cfg):
+                    cfg.resume = out
+            Path(out, run.ERROR).unlink(missing_ok=True)  # a failed job runs again
         try:
-            metrics = stages.STAGES[stage](cfg, hc.runtime.output_dir)
+            metrics = stages.STAGES[stage](cfg, out)
         except Interrupted as e:  # state saved: say how to continue, and end the whole sweep
-            _fail(f"{e}; state saved. Continue with: kd {stage} resume={hc.runtime.output_dir}")
+            again = f"kd {stage} resume={hc.sweep.dir if multirun else out}"
+            _fail(f"{e}; state saved. Continue with: {again}" if e.saved else
+                  f"{e}; kd {stage} keeps no resumable state: run it again")
             sys.exit(e.exit_code)
-        except KDError as e:
-            if hc.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
-                logging.getLogger("kd").error("job %s failed: %s", hc.job.num, e)
-                Path(hc.runtime.output_dir, ERROR_FILE).write_text(f"{e}\n")  # for kd report
+        except Exception as e:
+            if not isinstance(e, KDError) and not multirun:
+                raise  # a bug: its traceback is what a report needs
+            message = str(e) if isinstance(e, KDError) else f"{type(e).__name__}: {e}"
+            if isinstance(e, Diverged):
+                run.record_failure(out, message)  # and no state.pt that invites resuming
+            else:
+                run.record_error(out, message)
+            if multirun:  # let the other jobs of the sweep run
+                log.error("job %s failed: %s", hc.job.num, message)
                 return None
-            _fail(str(e))
+            _fail(message)
             sys.exit(2)
         print(f"test errors: {metrics['test_errors']} / {metrics['test_total']}", flush=True)
         return metrics
 
-    return run
+    return task
 
 
 def main(argv=None):
@@ -202,7 +244,6 @@ def main(argv=None):
 
     import hydra
 
-    from .report import ERROR_FILE
     from .sweep_end import finished
 
     finished.clear()  # kd called again in one process (the tests do) reports only its own sweep
@@ -216,7 +257,7 @@ def main(argv=None):
         sys.argv = argv_before
 
     for sweep in finished:
-        failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
+        failed = sorted(sweep.glob(f"*/{run.ERROR}"))
         _report_quietly(sweep)
         if failed:
             _fail(f"{len(failed)} job(s) of the sweep failed:\n  " + "\n  ".join(

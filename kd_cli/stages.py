@@ -5,121 +5,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import cpu_weights, load_checkpoint, save_checkpoint, save_json, sha256_of
+from . import run
+from .checkpoint import cpu_weights, load_checkpoint, save_json, sha256_of
+from .config import COMBINE
 from .data import load_mnist, split_validation, transfer_set
 from .errors import KDError
 from .evaluate import count_errors, errors_on, fit_bias_shift, predict_logits, shift_biases
 from .specialists import active_specialists, combine, covariance_clusters, specialist_data, specialist_head
 from .losses import distillation_loss, logit_matching_loss, soft_targets
 from .models import MLP, build_mlp
-from .teachers import COMBINE, combine_log_probs, load_model, load_teacher, resolve_teacher, teacher_logits
-from .train import SCHEDULES, Recipe, train
-
-TRAINING_STAGES = ("train-teacher", "train-student", "distill")
-LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al.'s logit matching
-STATE_FILE = "state.pt"  # the resumable training state, in the run dir until the run finishes
-
-
-# ---- checking the values a user typed, before any work ------------------------------------------
-
-def _number(cfg, key, ok, need, kind=float):
-    value = OmegaConf.select(cfg, key)
-    try:
-        if isinstance(value, bool) or value is None:
-            raise ValueError
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise KDError(f"{key} must be {need}, got {value!r}") from None
-    if not ok(number):
-        raise KDError(f"{key} must be {need}, got {value!r}")
-    return number
-
-
-def validate(stage, cfg):
-    """Raise KDError naming the key and the fix for any value the stage cannot run with."""
-    _number(cfg, "seed", lambda v: True, "an integer", int)
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise KDError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise KDError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
-    if stage == "evaluate":
-        if OmegaConf.is_missing(cfg, "checkpoint"):
-            raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
-        if cfg.get("combine", "arithmetic") not in COMBINE:
-            raise KDError(f"combine must be one of {', '.join(COMBINE)}, got {cfg.combine!r}")
-        _validate_bias(cfg)
-    if stage == "train-specialists":
-        _number(cfg, "clusters", lambda v: 1 <= v <= 10, "an integer in 1..10 (k of k-means)", int)
-        _number(cfg, "top_n", lambda v: 1 <= v <= 10, "an integer in 1..10", int)
-        _validate_recipe(cfg)
-        return
-    if stage not in TRAINING_STAGES:
-        return
-    hidden = cfg.model.hidden
-    if not OmegaConf.is_list(hidden) or not all(isinstance(h, int) and h >= 1 for h in hidden):
-        raise KDError(f"model.hidden must be a list of layer widths, e.g. model.hidden=[800,800], got {hidden!r}")
-    for key in ("model.dropout_input", "model.dropout_hidden"):
-        _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    if cfg.model.max_norm is not None:
-        _number(cfg, "model.max_norm", lambda v: v > 0, "null or a number > 0")
-    _validate_recipe(cfg)
-    if stage == "distill":
-        _number(cfg, "T", lambda v: v > 0, "a number > 0 (the temperature), e.g. T=20")
-        _number(cfg, "alpha", lambda v: 0 <= v <= 1,
-                "a number in [0, 1] (the weight of the hard-label term), e.g. alpha=0.1")
-        if cfg.loss not in LOSSES:
-            raise KDError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-        if cfg.teacher_combine not in COMBINE:
-            raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {cfg.teacher_combine!r}")
-
-
-def _validate_recipe(cfg):
-    """The keys every training stage shares: the recipe and the data."""
-    _number(cfg, "epochs", lambda v: v >= 1, "an integer >= 1", int)
-    _number(cfg, "batch_size", lambda v: v >= 1, "an integer >= 1", int)
-    _number(cfg, "lr", lambda v: v > 0, "a number > 0")
-    _number(cfg, "data.jitter", lambda v: 0 <= v <= 13, "an integer number of pixels in 0..13", int)
-    _number(cfg, "data.val_size", lambda v: v >= 0, "an integer >= 0", int)
-    if cfg.data.train_limit is not None:
-        _number(cfg, "data.train_limit", lambda v: v >= 1, "null or an integer >= 1", int)
-    _validate_transfer(cfg)
-    if cfg.optim.schedule not in SCHEDULES:
-        raise KDError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.optim.schedule!r}")
-    if cfg.optim.get("clip_grad_norm") is not None:
-        _number(cfg, "optim.clip_grad_norm", lambda v: v > 0, "null or a number > 0")
-    for key in ("optim.momentum", "optim.momentum_start"):
-        _number(cfg, key, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-def _class_list(value, key, allow_null=False):
-    if value is None and allow_null:
-        return None
-    if not OmegaConf.is_list(value) or not all(isinstance(c, int) and 0 <= c <= 9 for c in value):
-        raise KDError(f"{key} must be a list of digits 0..9, e.g. {key}=[3], got {value!r}")
-    return list(value)
-
-
-def _validate_transfer(cfg):
-    if cfg.data.get("transfer") is None:
-        return
-    _class_list(cfg.data.transfer.exclude, "data.transfer.exclude")
-    _class_list(cfg.data.transfer.include, "data.transfer.include", allow_null=True)
-    _number(cfg, "data.transfer.fraction", lambda v: 0 < v <= 1, "a number in (0, 1], e.g. 0.03")
-    _number(cfg, "data.transfer.seed", lambda v: True, "an integer", int)
-
-
-def _validate_bias(cfg):
-    shift = cfg.get("bias_shift")
-    if shift is not None and (not OmegaConf.is_dict(shift) or not all(
-            isinstance(k, int) and 0 <= k <= 9 and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in shift.items())):
-        raise KDError(f"bias_shift must map digits to numbers, e.g. 'bias_shift={{3:3.5}}', got {shift!r}")
-    if cfg.get("fit_bias"):
-        _class_list(cfg.fit_bias, "fit_bias")
-        if shift:
-            raise KDError("give bias_shift or fit_bias, not both")
+from .teachers import combine_log_probs, load_model, load_teacher, resolve_teacher, teacher_logits
+from .train import Diverged, Recipe, train
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
@@ -134,28 +30,22 @@ def _device(cfg):
     return torch.device(cfg.device)
 
 
-def check_resume(run_dir, out_dir=None):
-    """A run folder that `resume=` can continue: it has a state.pt and no checkpoint.pt yet, and
-    (once Hydra runs) it is this run's own folder. Returns the state's path."""
-    run_dir = Path(run_dir)
-    if (run_dir / "checkpoint.pt").exists():
-        raise KDError(f"{run_dir} already finished (it has checkpoint.pt); nothing to resume")
-    if not (run_dir / STATE_FILE).exists():
-        raise KDError(f"{run_dir} has no {STATE_FILE} to resume from (it stopped before its first epoch ended)")
-    if out_dir is not None and run_dir.resolve() != Path(out_dir).resolve():
-        raise KDError(f"resume={run_dir} must run in that folder; drop hydra.run.dir")
-    return run_dir / STATE_FILE
-
-
 def _resume_state(cfg, out_dir):
-    return check_resume(cfg.resume, out_dir) if cfg.get("resume") else None
+    """The state.pt this run continues (resume=), or None for a new run, which must not find
+    another run's state or results in its folder."""
+    run.remove_temporaries(out_dir)
+    if cfg.get("resume"):
+        state = run.check_resume(cfg.resume, out_dir)
+        (Path(out_dir) / run.ERROR).unlink(missing_ok=True)  # why an earlier resume failed: gone
+        return state
+    if run.state_of(out_dir) in ("finished", "stopped"):
+        raise KDError(f"{out_dir} already holds a run; continue it with resume= or choose a new hydra.run.dir")
+    return None
 
 
 def _setup(stage, cfg, out_dir):
     """Check the values, seed, and load the data: (train_x, train_y, test_x, test_y, val or None),
     the training part cut down to the transfer set, and what that transfer set is."""
-    validate(stage, cfg)
-    _resume_state(cfg, out_dir)
     device = _device(cfg)
     torch.manual_seed(int(cfg.seed))
     limit = cfg.data.get("train_limit")
@@ -205,7 +95,7 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
     """Train, count the final test errors, write checkpoint.pt and metrics.json."""
     train_x, train_y, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
-    state_path = Path(out_dir) / STATE_FILE
+    state_path = Path(out_dir) / run.STATE
     result = train(model, train_x, targets, loss_fn, _recipe(cfg),
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
                    evaluate=_errors_fn(test_x, test_y, val, batch), desc=stage,
@@ -220,26 +110,21 @@ def _fit_and_save(stage, cfg, out_dir, started, data, model, targets, loss_fn, e
         "test_error_rate": counts["test_errors"] / counts["test_total"],
         "epochs": int(cfg.epochs), "train_images": int(train_x.shape[0]),
         "train_seconds": round(result["train_seconds"], 3),
-        "wall_seconds": round(time.perf_counter() - started, 3),
         "seed": int(cfg.seed), "device": str(train_x.device), "arch": model.arch, **extra,
         "history": result["history"],
     }
-    payload = {"stage": stage, "arch": model.arch,
-               "state_dict": cpu_weights(model),
-               "config": OmegaConf.to_container(cfg, resolve=True), "metrics": metrics}
+    payload = {"arch": model.arch, "state_dict": cpu_weights(model),
+               "config": OmegaConf.to_container(cfg, resolve=True)}
     if teacher is not None:
         payload["teacher"] = teacher
-    save_checkpoint(Path(out_dir) / "checkpoint.pt", payload)
-    state_path.unlink(missing_ok=True)  # finished: the checkpoint supersedes the resumable state
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
-    save_json(Path(out_dir) / "metrics.json", metrics)
-    return metrics
+    return run.finish(out_dir, started, stage, payload, metrics)
 
 
 # ---- the stages ----------------------------------------------------------------------------------
 
 def _train_on_labels(stage, cfg, out_dir):
     started = time.perf_counter()
+    _resume_state(cfg, out_dir)
     device, data, transfer = _setup(stage, cfg, out_dir)
     model = _model(cfg, device, data[0][0].numel(), 10)
     return _fit_and_save(stage, cfg, out_dir, started, data, model, (data[1],),
@@ -261,14 +146,14 @@ def _recorded_teachers(state_path):
     for r in recorded if isinstance(recorded, list) else [recorded]:
         path = Path(r["path"])
         if not path.is_file() or sha256_of(path) != r["sha256"]:
-            raise KDError(f"the teacher this run started from, {path}, is gone or changed; cannot resume")
+            raise KDError(f"the teacher this run started from, {path}, is gone or changed since (sha256 "
+                          f"differs); cannot resume: the result would mix two teachers. Start a new run")
         paths.append(path)
     return paths
 
 
 def distill(cfg, out_dir):
     started = time.perf_counter()
-    validate("distill", cfg)  # before looking for a teacher: a bad T is the first thing to report
     state_path = _resume_state(cfg, out_dir)
     paths = resolve_teacher(cfg.teacher) if state_path is None else _recorded_teachers(state_path)
     device, data, transfer = _setup("distill", cfg, out_dir)
@@ -304,10 +189,16 @@ def distill(cfg, out_dir):
         targets, loss_fn = fixed, lambda z, t: loss_of(z, None, t)
     record = [{"path": i["path"], "sha256": i["sha256"]} for i in infos]
     ensemble = {"teacher_combine": combine} if len(infos) > 1 and kind != "logit_mse" else {}
-    return _fit_and_save("distill", cfg, out_dir, started, data, model, targets, loss_fn,
-                         {"T": T, "alpha": alpha, "loss": kind, **ensemble,
-                          "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer},
-                         teacher=record[0] if len(record) == 1 else record, batch_targets=per_batch)
+    try:
+        return _fit_and_save("distill", cfg, out_dir, started, data, model, targets, loss_fn,
+                             {"T": T, "alpha": alpha, "loss": kind, **ensemble,
+                              "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer},
+                             teacher=record[0] if len(record) == 1 else record, batch_targets=per_batch)
+    except Diverged as e:
+        sample = fixed[0][:1000] if fixed else targets_of(train_x[:1000])
+        teacher_ok = bool(torch.isfinite(sample).all())
+        raise Diverged(f"{e}" + ("" if teacher_ok else "; the teacher's outputs are not finite: check the teacher")
+                       + (f" (the soft term at T={T:g} has weight {1 - alpha:g} x T^2)" if kind == "kd" else "")) from None
 
 
 def _validation_for(cfg, ckpt, device):
@@ -365,7 +256,7 @@ def train_specialists(cfg, out_dir):
     specialist per subset (from the generalist's weights, on half subset / half dustbin data),
     correct each dustbin for the oversampling, and combine by minimising the summed KLs."""
     started = time.perf_counter()
-    validate("train-specialists", cfg)
+    _resume_state(cfg, out_dir)
     path = resolve_teacher(cfg.generalist)[0]
     device, data, transfer = _setup("train-specialists", cfg, out_dir)
     train_x, train_y, test_x, test_y, _ = data
@@ -409,24 +300,18 @@ def train_specialists(cfg, out_dir):
                "generalist": info, "transfer": transfer, "epochs": int(cfg.epochs),
                "train_images": int(train_x.shape[0]), "seed": int(cfg.seed), "device": str(device),
                "train_seconds": round(sum(r["train_seconds"] for r in records), 3)}
-    save_checkpoint(Path(out_dir) / "checkpoint.pt", {
-        "stage": "train-specialists", "arch": generalist.arch,
-        "state_dict": cpu_weights(generalist),
-        "specialists": records, "config": OmegaConf.to_container(cfg, resolve=True),
-        "teacher": {"path": info["path"], "sha256": info["sha256"]}, "metrics": metrics})
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    run.finish(out_dir, started, "train-specialists", {
+        "arch": generalist.arch, "state_dict": cpu_weights(generalist), "specialists": records,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "teacher": {"path": info["path"], "sha256": info["sha256"]}}, metrics)
     print(f"generalist alone: {alone['test_errors']} test errors; with specialists {subsets} "
           f"(active on {metrics['cases_with_active_specialists']} cases): {together['test_errors']}", flush=True)
-    save_json(Path(out_dir) / "metrics.json", metrics)
     return metrics
 
 
 def evaluate(cfg, out_dir):
     started = time.perf_counter()
-    validate("evaluate", cfg)
     paths = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
-    if not paths or not all(isinstance(p, str) for p in paths):
-        raise KDError(f"checkpoint must be a path to a checkpoint.pt, or a list of them, got {cfg.checkpoint!r}")
     if len(paths) > 1 and (cfg.get("bias_shift") or cfg.get("fit_bias")):
         raise KDError("bias_shift and fit_bias take one checkpoint, not an ensemble")
     device = _device(cfg)
@@ -459,7 +344,7 @@ def evaluate(cfg, out_dir):
                "checkpoint": str(Path(paths[0]).resolve()) if len(paths) == 1 else [str(Path(p).resolve()) for p in paths],
                "checkpoint_stage": first["stage"], "arch": first["arch"], "seed": int(cfg.seed),
                "device": str(device), **extra, "wall_seconds": round(time.perf_counter() - started, 3)}
-    save_json(Path(out_dir) / "metrics.json", metrics)
+    save_json(Path(out_dir) / run.METRICS, metrics)
     return metrics
 
 

@@ -5,14 +5,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import load_checkpoint, newest_checkpoint, sha256_of
+from .checkpoint import check_model, load_checkpoint, newest_checkpoint, sha256_of
+from .config import COMBINE
 from .errors import KDError
 from .models import build_mlp
 
 TEACHER_STAGE = "train-teacher"
 
 
-COMBINE = ("arithmetic", "geometric")
 
 
 def resolve_teacher(teacher, outputs="outputs"):
@@ -59,7 +59,7 @@ def check_same_data(ckpt, path, name, role):
 def load_model(path, device, data_name, role="checkpoint"):
     """(checkpoint dict, its model on `device`) for any kd checkpoint, refusing one trained on
     another data set or whose weights do not fit its architecture."""
-    ckpt = load_checkpoint(path)
+    ckpt = check_model(load_checkpoint(path), path)
     check_same_data(ckpt, path, data_name, role)
     model = build_mlp(ckpt["arch"])
     try:
@@ -78,7 +78,7 @@ def load_teacher(path, device, in_features, out_features, data_name="mnist"):
                       f"classes; this data set needs {in_features} -> {out_features}")
     model.eval()
     info = {"path": str(Path(path).resolve()), "sha256": sha256_of(path),
-            "stage": ckpt["stage"], "test_errors": ckpt.get("metrics", {}).get("test_errors")}
+            "stage": ckpt["stage"], "test_errors": (ckpt.get("metrics") or {}).get("test_errors")}
     return model, info
 
 

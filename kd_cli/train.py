@@ -13,11 +13,10 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SCHEDULES
 from .data import jitter
 from .errors import KDError
 from .models import apply_max_norm_
-
-SCHEDULES = ("onecycle", "cosine", "exponential", "constant")
 
 
 @dataclass
@@ -60,31 +59,54 @@ class Recipe:
 
 
 class Interrupted(KDError):
-    """SIGINT or SIGTERM stopped training at a batch boundary, after the state was saved."""
+    """SIGINT or SIGTERM stopped training at a batch boundary (after the state was saved, when
+    the run keeps one)."""
 
-    def __init__(self, signum, epoch, step):
+    def __init__(self, signum, epoch, step, saved=True):
         self.signal = signal.Signals(signum).name
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        self.saved = saved
         super().__init__(f"stopped by {self.signal} at epoch {epoch + 1}, batch {step}")
+
+
+class Diverged(KDError):
+    """The loss became NaN or infinite: the run's state is worthless, and resuming would repeat it."""
+
+
+class StopRequests:
+    """While training, SIGINT and SIGTERM only ask to stop (at the next batch boundary); a second
+    Ctrl-C stops at once, except while a state is being saved: a save is never cut in half."""
+
+    def __init__(self):
+        self.signals, self.saving = [], False
+
+    def __bool__(self):
+        return bool(self.signals)
+
+    def ask(self, signum, frame):
+        if self.signals and signum == signal.SIGINT and not self.saving:
+            raise KeyboardInterrupt
+        self.signals.append(signum)
+
+    @contextlib.contextmanager
+    def protected(self):
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
 
 
 @contextlib.contextmanager
 def stop_requests():
-    """While training, SIGINT and SIGTERM only ask to stop (at the next batch boundary); a second
-    Ctrl-C stops at once. Yields a list that holds the signal number once one arrived."""
-    requested = []
-
-    def ask(signum, frame):
-        if requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        requested.append(signum)
-
+    """Install StopRequests as the SIGINT and SIGTERM handler for the duration of training."""
+    requests = StopRequests()
     if threading.current_thread() is not threading.main_thread():
-        yield requested  # signal handlers can only be set from the main thread
+        yield requests  # signal handlers can only be set from the main thread
         return
-    old = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, requests.ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield requested
+        yield requests
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -146,11 +168,14 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
     def save(epoch, step, loss_sum, rng_epoch, mid_epoch):
         # mid_epoch: this epoch's shuffle and jitter are already drawn (even at step 0, when a stop
         # came during the previous epoch's evaluation); resuming must redraw them from rng_epoch
-        save_checkpoint(state_path, {
-            **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
-            "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
-            "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
-            "mid_epoch": mid_epoch, "rng": rng_state(device)}, durable=False)
+        if state_path is None:
+            return
+        with stop.protected():
+            save_checkpoint(state_path, {
+                **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
+                "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
+                "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
+                "mid_epoch": mid_epoch, "rng": rng_state(device)}, durable=False)
 
     if evaluate is not None and not resumed:  # where it started: the untrained model's errors
         at["history"].append({"epoch": 0, **evaluate(model)})
@@ -180,7 +205,7 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                 if stop:
                     at["train_seconds"] += time.perf_counter() - start
                     save(epoch, step, loss_sum, rng_epoch, mid_epoch=True)
-                    raise Interrupted(stop[0], epoch, step)
+                    raise Interrupted(stop.signals[0], epoch, step, saved=state_path is not None)
                 lr, momentum = recipe.at(epoch + step / steps_per_epoch)
                 for group in opt.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
@@ -199,12 +224,13 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
             mean_loss = float(loss_sum) / steps_per_epoch  # the one sync of the epoch
             at["train_seconds"] += time.perf_counter() - start
             if not math.isfinite(mean_loss):
-                raise KDError(f"training diverged at epoch {epoch + 1} (loss {mean_loss}); lower lr")
+                lr_now = recipe.at(epoch)[0]
+                raise Diverged(f"training diverged at epoch {epoch + 1}: the loss is {mean_loss}; lower lr "
+                               f"(peak {recipe.lr:g}, {lr_now:.3g} when the epoch began) or set optim.clip_grad_norm=5")
             row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
             if evaluate is not None:
                 row.update(evaluate(model))
             at["history"].append(row)
-            if state_path is not None:
-                save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
+            save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     return {"history": at["history"], "train_seconds": at["train_seconds"]}

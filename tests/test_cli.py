@@ -100,12 +100,12 @@ def bad_teachers(tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["distill", "T=0"], "T must be a number > 0"),
-    (["distill", "T=-1"], "T must be a number > 0"),
-    (["distill", "T=abc"], "T must be a number > 0"),
+    (["distill", "T=0"], "T must be a number in [0.01, 1000]"),
+    (["distill", "T=-1"], "T must be a number in [0.01, 1000]"),
+    (["distill", "T=abc"], "T must be a number in [0.01, 1000]"),
     (["distill", "alpha=1.5"], "alpha must be a number in [0, 1]"),
     (["distill", "alpha=-0.1"], "alpha must be a number in [0, 1]"),
-    (["distill", "-m", "T=2,0"], "T must be a number > 0"),
+    (["distill", "-m", "T=2,0"], "T must be a number in [0.01, 1000]"),
     (["distill", "temprature=3"], "unknown key 'temprature'"),
     (["train-teacher", "epochs=0"], "epochs must be an integer >= 1"),
     (["distill", "teacher=/no/such/file.pt"], "teacher checkpoint not found"),

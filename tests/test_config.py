@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from kd_cli.cli import STAGES
-from kd_cli.stages import validate
+from kd_cli.config import check as validate
 
 
 def composed(stage, *overrides):

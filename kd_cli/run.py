@@ -1,0 +1,169 @@
+"""A run folder's life. A folder belongs to one run: a new run starts only in a folder that holds
+no run, `resume=` continues only a stopped one, and a run finishes by writing checkpoint.pt and
+metrics.json (each whole or not at all) and dropping its resumable state. A sweep folder that
+already exists is continued job by job: finished jobs kept, stopped ones resumed, changed ones
+refused (cli.py checks this before Hydra writes anything)."""
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .checkpoint import save_checkpoint, save_json, write_atomically
+from .errors import KDError
+
+STATE = "state.pt"            # the resumable training state, until the run finishes
+CHECKPOINT = "checkpoint.pt"  # the finished model
+METRICS = "metrics.json"      # the finished run's numbers
+ERROR = "error.txt"           # why a run failed, one line (kd report shows it)
+RECORD = ".hydra"             # Hydra's record of the run's config and overrides
+TEMPORARY = ("state.pt.*.tmp", "checkpoint.pt.*.tmp", "metrics.json.*.tmp")  # a write cut short
+
+
+def state_of(folder):
+    """finished | stopped | failed | started (a record, nothing to resume) | empty."""
+    folder = Path(folder)
+    if (folder / CHECKPOINT).exists() and (folder / METRICS).exists():
+        return "finished"
+    if (folder / STATE).exists():
+        return "stopped"
+    if (folder / ERROR).exists():
+        return "failed"
+    if any((folder / name).exists() for name in (RECORD, CHECKPOINT, METRICS)):
+        return "started"
+    return "empty"
+
+
+def check_new_run_folder(folder, stage):
+    """Refuse to start a run in a folder that holds one, saying what to do instead."""
+    held = state_of(folder)
+    if held == "empty":
+        return
+    what = {"finished": "a finished run (checkpoint.pt)", "stopped": "a stopped run (state.pt)",
+            "failed": "a failed run (error.txt)",
+            "started": "a run that stopped before its first epoch ended"}[held]
+    todo = f"continue it with kd {stage} resume={folder}, or " if held == "stopped" else ""
+    raise KDError(f"{folder} already holds {what}; {todo}choose a new hydra.run.dir (nothing was changed)")
+
+
+def check_resume(run_dir, out_dir=None):
+    """A run folder that `resume=` can continue: it has a state.pt and no checkpoint.pt yet, and
+    (once Hydra runs) it is this run's own folder. Returns the state's path."""
+    run_dir = Path(run_dir)
+    if (run_dir / CHECKPOINT).exists():
+        raise KDError(f"{run_dir} already finished (it has checkpoint.pt); nothing to resume")
+    if not (run_dir / STATE).exists():
+        why = "it failed: " + (run_dir / ERROR).read_text().strip() if (run_dir / ERROR).exists() else \
+            "it stopped before its first epoch ended"
+        raise KDError(f"{run_dir} has no {STATE} to resume from ({why}); start a new run instead")
+    if out_dir is not None and run_dir.resolve() != Path(out_dir).resolve():
+        raise KDError(f"resume={run_dir} must run in that folder; drop hydra.run.dir")
+    return run_dir / STATE
+
+
+def remove_temporaries(folder):
+    """Half-written files a killed write left behind (kill -9 between write and rename)."""
+    for pattern in TEMPORARY:
+        for path in Path(folder).glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def record_error(folder, message):
+    """error.txt, the one line kd report shows for a failed run."""
+    try:
+        write_atomically(Path(folder) / ERROR, lambda f: f.write((message + "\n").encode()))
+    except KDError:
+        pass  # the one-line error on the terminal still says what happened
+
+
+def record_failure(folder, message):
+    """A diverged run: error.txt, and no state.pt that invites resuming it into the same NaN."""
+    (Path(folder) / STATE).unlink(missing_ok=True)
+    record_error(folder, message)
+
+
+def finish(out_dir, started, stage, model_payload, metrics):
+    """Write checkpoint.pt (model, config, metrics), drop the resumable state, then write
+    metrics.json: once metrics.json exists, the run is finished."""
+    out_dir = Path(out_dir)
+    save_checkpoint(out_dir / CHECKPOINT, {"stage": stage, **model_payload, "metrics": metrics})
+    (out_dir / STATE).unlink(missing_ok=True)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    save_json(out_dir / METRICS, metrics)
+    return metrics
+
+
+def recorded_config(job_dir):
+    """(overrides, config) a job folder recorded when it started, or None when it has none."""
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(Path(job_dir) / RECORD / "overrides.yaml"))
+        config = OmegaConf.to_container(OmegaConf.load(Path(job_dir) / RECORD / "config.yaml"))
+    except (OSError, ValueError, TypeError) as e:
+        raise KDError(f"{job_dir} has an unreadable {RECORD}/ record ({e}); move that folder away") from None
+    return overrides, config
+
+
+def check_writable(folder):
+    """Before Hydra makes the run folder: can a file be made where it will go? Probes the nearest
+    folder that exists, so nothing is left behind (a stamped run folder does not exist yet)."""
+    folder = Path(folder).absolute()
+    probe_in = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".kd-probe.", dir=probe_in)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise KDError(f"cannot write in {probe_in} ({e.strerror or e}), where the run folder {folder} would "
+                      "go; choose a writable hydra.run.dir (or hydra.sweep.dir)") from None
+
+
+def sweep_overrides(stage, sweep_dir):
+    """`kd <stage> resume=<sweep folder>`: the command line the sweep was launched with (from
+    its multirun.yaml), so the same jobs run again into the same folders."""
+    try:
+        hydra = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra
+        started_as, task, own = hydra.job.name, list(hydra.overrides.task), list(hydra.overrides.hydra)
+    except Exception as e:  # a damaged record: OmegaConf's errors have no common base
+        raise KDError(f"{sweep_dir}/multirun.yaml is unreadable ({type(e).__name__}); the sweep cannot be "
+                      "continued from it") from None
+    if started_as != stage:
+        raise KDError(f"{sweep_dir} is a {started_as} sweep; continue it with kd {started_as} resume={sweep_dir}")
+    own = [o for o in own if o.split("=", 1)[0] not in ("hydra.mode", "hydra.sweep.dir", "hydra.run.dir")]
+    return ["-m", *task, *own, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def _first_difference(now, then, prefix=""):
+    for key in sorted(set(now) | set(then), key=str):
+        a, b = now.get(key, "<absent>"), then.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
+    """A sweep launched into a folder that exists continues it. Every job that already has a
+    folder must have been launched with the same overrides and config it would run with now;
+    otherwise the sweep is refused by that job's name, before anything is written."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return
+    for num, job in enumerate(jobs):
+        folder = next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
+        if folder is None:
+            continue  # never started: it runs
+        overrides, config = recorded_config(folder)
+        again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), " \
+                "or choose a new hydra.sweep.dir"
+        if overrides != job:
+            raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
+                          f"job {num} with [{' '.join(job)}]; {again}")
+        differs = _first_difference(compose_job(job), config)
+        if differs:
+            key, now, then = differs
+            raise KDError(f"sweep job {folder.name} ran with {key}={then!r}, and this sweep would run it with "
+                          f"{key}={now!r}; {again}")
