@@ -38,13 +38,24 @@ def write_atomically(path, write, durable=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         Path(tmp).unlink(missing_ok=True)
-        raise KDError(f"could not write {path}: {e.strerror or e}; free some space or choose a writable "
-                      "hydra.run.dir (the previous file there is intact)") from None
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise KDError(f"could not write {path}: {cause.strerror or cause}; free some space or choose a "
+                      "writable hydra.run.dir (the previous file there is intact)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _os_error_in(e):
+    """The OSError behind e: torch.save reports a failed write (a full disk) as a RuntimeError
+    whose context is the OSError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
 
 
 def save_checkpoint(path, payload, durable=True):

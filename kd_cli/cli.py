@@ -184,7 +184,7 @@ def _task(stage):
         if multirun:  # a sweep launched into its own folder again continues it
             held = run.state_of(out)
             if held == "finished":
-                log.info("job %s finished before; kept as it is", hc.job.num)
+                print(f"job {hc.job.num} finished before; kept as it is", flush=True)
                 return json.loads(Path(out, run.METRICS).read_text())
             if held == "stopped" and "resume" in cfg:
                 with open_dict(cfg):
@@ -290,6 +290,9 @@ def report_main(args):
         print(report(args.paths, args.out))
     except KDError as e:
         _fail(str(e))
+        return 2
+    except OSError as e:
+        _fail(f"could not write the report: {e.strerror or e} ({e.filename}); give a writable --out")
         return 2
     return 0
 

@@ -16,7 +16,10 @@ def soft_loss(student_logits, log_p, T):
     It equals CE(p, q) minus p's entropy, a constant, so its gradient is the paper's
     dC/dz_i = (q_i - p_i) / T; unlike CE it reaches 0 when the student matches the teacher."""
     log_q = F.log_softmax(student_logits / T, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    # KL >= 0, but where q matches p to float32's rounding a case's sum can come out a hair below
+    # 0; T^2 then magnifies it (T=1e6 once trained on a loss of -5578). Clamped per case, a
+    # loss that is never negative, and the gradient of a case that is already matched is ~0.
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).clamp_min(0).mean()
 
 
 def with_hard_labels(weighted_soft_term, student_logits, labels, alpha):

@@ -1,9 +1,10 @@
 """Sweep (or run) folders -> one table (report.md, report.csv) and plots (test errors vs T).
 
-Every folder with a .hydra/ below the given paths is a job. A job is `done` (it has metrics.json),
-`failed` (error.txt, written when a sweep job fails, or an ERROR line in its log), `stopped` (a
-state.pt to resume from) or `unfinished` (killed before its first epoch ended, or still running).
-No job is dropped: the table lists them all.
+Every job a sweep was launched with is a row (its multirun.yaml says which), and so is every
+other folder with a .hydra/ below the given paths. A job is `done` (metrics.json), `failed`
+(error.txt, or an ERROR line in its log), `stopped` (a state.pt to resume from), `unfinished`
+(killed before its first epoch ended, or still running), `not started` (the sweep ended first)
+or `unreadable` (its records are damaged: the reason is in the row). No job is dropped.
 """
 import csv
 import json
@@ -15,20 +16,45 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import KDError
+from .run import ERROR, METRICS, RECORD, STATE
 
 SEED = "seed"
-ERROR_FILE = "error.txt"  # a failed sweep job's one-line reason, written in its folder by kd's CLI
+
+
+def launched_jobs(sweep):
+    """[(job number, its overrides)] of a sweep launched by Hydra's basic sweeper, in Hydra's own
+    order (its job numbers); [] when the sweep left no readable multirun.yaml."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        hydra = OmegaConf.load(Path(sweep) / "multirun.yaml").hydra
+        if not hydra.sweeper._target_.endswith("BasicSweeper"):
+            return []
+        parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
+        return list(enumerate(BasicSweeper.split_arguments(parsed, None)[0]))
+    except Exception:  # no record, or a damaged one: the folders alone tell what ran
+        return []
 
 
 def find_jobs(paths):
-    jobs = []
+    """[(job folder, overrides it was launched with or None)], every launched job included."""
+    jobs = {}
     for p in map(Path, paths):
         if not p.is_dir():
             raise KDError(f"{p} is not a folder; kd report takes sweep or run folders")
-        jobs += [h.parent for h in sorted(p.rglob(".hydra")) if h.is_dir()]
+        for h in sorted(p.rglob(RECORD)):
+            if h.is_dir():
+                jobs.setdefault(h.parent, None)
+        for num, overrides in launched_jobs(p):
+            found = [j for j in jobs if j.parent == p and j.name.split("_", 1)[0] == str(num)]
+            if found:
+                jobs[found[0]] = overrides
+            else:  # the sweep ended before this job began: its folder was never made
+                jobs[p / f"{num}_{','.join(overrides)}"] = overrides
     if not jobs:
         raise KDError(f"no kd runs (folders with .hydra/) under {', '.join(map(str, paths))}")
-    return sorted(set(jobs), key=_job_order)
+    return sorted(jobs.items(), key=lambda item: _job_order(item[0]))
 
 
 def _job_order(path):
@@ -37,8 +63,9 @@ def _job_order(path):
 
 
 def _last_error(job):
-    if (job / ERROR_FILE).exists():
-        return (job / ERROR_FILE).read_text().strip().splitlines()[-1]
+    if (job / ERROR).exists():
+        lines = (job / ERROR).read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "failed (empty error.txt)"
     for log in job.glob("*.log"):
         errors = [line for line in log.read_text(errors="replace").splitlines() if "ERROR" in line]
         if errors:
@@ -46,19 +73,41 @@ def _last_error(job):
     return None
 
 
-def read_job(job):
-    overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
-    row = {"job": str(job), "overrides": dict(o.split("=", 1) for o in overrides if "=" in o)}
-    if (job / "metrics.json").exists():
-        m = json.loads((job / "metrics.json").read_text())
-        row.update(status="done", test_errors=m["test_errors"], test_error_rate=m["test_error_rate"],
-                   wall_seconds=m.get("wall_seconds"), error="")
-    else:
-        error = _last_error(job)
-        status = "failed" if error else "stopped" if (job / "state.pt").exists() else "unfinished"
-        row.update(status=status, test_errors=None, test_error_rate=None, wall_seconds=None,
-                   error=error or ("resume with resume=<job>" if status == "stopped" else ""))
-    return row
+def _overrides_of(job):
+    overrides = OmegaConf.to_container(OmegaConf.load(job / RECORD / "overrides.yaml"))
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ValueError("not a list of key=value")
+    return overrides
+
+
+def _row(job, overrides, status, error="", metrics=None):
+    m = metrics or {}
+    return {"job": str(job), "overrides": dict(o.split("=", 1) for o in overrides or [] if "=" in o),
+            "status": status, "test_errors": m.get("test_errors"), "test_error_rate": m.get("test_error_rate"),
+            "val_errors": m.get("val_errors"), "wall_seconds": m.get("wall_seconds"), "error": error,
+            "history": m.get("history") or []}
+
+
+def read_job(job, launched_with=None):
+    """One row of the table; a damaged job folder is a row that says what is wrong, never an error."""
+    job = Path(job)
+    if not (job / RECORD).is_dir():
+        return _row(job, launched_with, "not started", "the sweep ended before this job began")
+    try:
+        overrides = _overrides_of(job)
+    except Exception as e:  # OmegaConf and YAML errors have no common base
+        return _row(job, launched_with, "unreadable", f"{RECORD}/overrides.yaml: {type(e).__name__}")
+    if (job / METRICS).exists():
+        try:
+            m = json.loads((job / METRICS).read_text())
+            if not isinstance(m.get("test_errors"), int) or not isinstance(m.get("test_error_rate"), float):
+                raise ValueError("no test_errors")
+        except (ValueError, OSError, AttributeError) as e:
+            return _row(job, overrides, "unreadable", f"{METRICS}: {type(e).__name__}: {e}"[:200])
+        return _row(job, overrides, "done", metrics=m)
+    error = _last_error(job)
+    status = "failed" if error else "stopped" if (job / STATE).exists() else "unfinished"
+    return _row(job, overrides, status, error or ("resume with resume=<job>" if status == "stopped" else ""))
 
 
 def swept_keys(rows):
@@ -107,7 +156,8 @@ def markdown(rows, swept, fixed, groups=None):
         for g in groups:
             lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
                                             f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "stopped", "unfinished")}
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("done", "failed", "stopped", "unfinished", "not started", "unreadable")}
     lines += ["", f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     return "\n".join(lines)
 
@@ -167,10 +217,15 @@ def plot(path, rows, swept):
 def report(paths, out=None):
     """Write report.md, report.csv (and report.png when there is a curve) into `out` (default:
     the first path) and return the Markdown table."""
-    rows = [read_job(j) for j in find_jobs(paths)]
+    rows = [read_job(j, launched) for j, launched in find_jobs(paths)]
     swept, fixed = swept_keys(rows)
     out = Path(out or paths[0])
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise KDError(f"--out {out} is a file; give a folder for report.md, report.csv and the plots")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KDError(f"cannot make the report folder {out}: {e.strerror or e}") from None
     groups = seed_groups(rows, swept) if SEED in swept else None
     text = markdown(rows, swept, fixed, groups)
     if plot(out / "report.png", rows, swept):

@@ -24,7 +24,7 @@ TEMPORARY = ("state.pt.*.tmp", "checkpoint.pt.*.tmp", "metrics.json.*.tmp")  # a
 def state_of(folder):
     """finished | stopped | failed | started (a record, nothing to resume) | empty."""
     folder = Path(folder)
-    if (folder / CHECKPOINT).exists() and (folder / METRICS).exists():
+    if (folder / METRICS).exists():  # written last: the run is finished
         return "finished"
     if (folder / STATE).exists():
         return "stopped"
@@ -51,8 +51,8 @@ def check_resume(run_dir, out_dir=None):
     """A run folder that `resume=` can continue: it has a state.pt and no checkpoint.pt yet, and
     (once Hydra runs) it is this run's own folder. Returns the state's path."""
     run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT).exists():
-        raise KDError(f"{run_dir} already finished (it has checkpoint.pt); nothing to resume")
+    if (run_dir / METRICS).exists():
+        raise KDError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
     if not (run_dir / STATE).exists():
         why = "it failed: " + (run_dir / ERROR).read_text().strip() if (run_dir / ERROR).exists() else \
             "it stopped before its first epoch ended"
@@ -84,13 +84,14 @@ def record_failure(folder, message):
 
 
 def finish(out_dir, started, stage, model_payload, metrics):
-    """Write checkpoint.pt (model, config, metrics), drop the resumable state, then write
-    metrics.json: once metrics.json exists, the run is finished."""
+    """Write checkpoint.pt (model, config, metrics), then metrics.json, then drop the resumable
+    state: once metrics.json exists the run is finished, and until then it can be resumed (a
+    full disk while finishing loses nothing)."""
     out_dir = Path(out_dir)
-    save_checkpoint(out_dir / CHECKPOINT, {"stage": stage, **model_payload, "metrics": metrics})
-    (out_dir / STATE).unlink(missing_ok=True)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    save_checkpoint(out_dir / CHECKPOINT, {"stage": stage, **model_payload, "metrics": metrics})
     save_json(out_dir / METRICS, metrics)
+    (out_dir / STATE).unlink(missing_ok=True)
     return metrics
 
 

@@ -191,7 +191,7 @@ def distill(cfg, out_dir):
     ensemble = {"teacher_combine": combine} if len(infos) > 1 and kind != "logit_mse" else {}
     try:
         return _fit_and_save("distill", cfg, out_dir, started, data, model, targets, loss_fn,
-                             {"T": T, "alpha": alpha, "loss": kind, **ensemble,
+                             {"T": T if kind == "kd" else None, "alpha": alpha, "loss": kind, **ensemble,
                               "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer},
                              teacher=record[0] if len(record) == 1 else record, batch_targets=per_batch)
     except Diverged as e:

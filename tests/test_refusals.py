@@ -1,0 +1,297 @@
+"""No silent wrong result: another run's folder, a changed sweep, non-finite numbers, a state that
+is not a model, a full disk, damaged records. Each is refused with one `kd: error:` line and exit
+code 2, and leaves the files as they were (or, for a sweep, continues it as it was launched)."""
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_cli.checkpoint import load_checkpoint, save_checkpoint
+from kd_cli.models import MLP
+
+SMALL = ["model.hidden=[16]", "batch_size=50"]
+
+
+def snapshot(folder):
+    """Every file under folder, with its bytes: what 'left as it was' is checked against."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def refused(proc, *says):
+    """Exit code 2, one `kd: error:` line and no traceback (a run that got as far as training has
+    its progress bar above it on stderr)."""
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("kd: error: ")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    assert all(s in lines[0] for s in says), lines[0]
+    return lines[0]
+
+
+def stop_at(epoch, batch, sig=signal.SIGINT):
+    return {"KD_TEST_SIGNAL_AT": f"{signal.Signals(sig).name}@{epoch}:{batch}"}
+
+
+# ---- a folder belongs to one run ---------------------------------------------------------------
+
+def test_a_new_run_never_continues_or_overwrites_another_runs_folder(kd):
+    stopped, finished = kd.cwd / "stopped", kd.cwd / "finished"
+    kd("train-student", *SMALL, "epochs=3", f"hydra.run.dir={stopped}", extra_env=stop_at(2, 3), check=False)
+    kd("train-student", *SMALL, "epochs=1", f"hydra.run.dir={finished}")
+    for folder, says in ((stopped, f"resume={stopped}"), (finished, "finished run")):
+        before = snapshot(folder)
+        proc = kd("train-student", *SMALL, "epochs=2", "lr=0.01", f"hydra.run.dir={folder}", check=False)
+        refused(proc, str(folder), says, "choose a new hydra.run.dir")
+        assert snapshot(folder) == before
+    before = snapshot(finished)  # evaluate, too, writes only into a folder of its own
+    proc = kd("evaluate", f"checkpoint={finished / 'checkpoint.pt'}", f"hydra.run.dir={finished}", check=False)
+    refused(proc, "finished run")
+    assert snapshot(finished) == before
+
+
+def test_an_interrupted_sweep_continues_with_one_command(kd):
+    """Job 0 finishes, job 1 is stopped mid-epoch, job 2 never starts; `resume=<sweep>` keeps job 0
+    as it is, resumes job 1 to the result of a run never stopped, and runs job 2."""
+    sweep = kd.cwd / "sweep"
+    args = ["train-student", "-m", "epochs=2,4,3", *SMALL, f"hydra.sweep.dir={sweep}"]
+    proc = kd(*args, extra_env=stop_at(3, 2), check=False)  # only the 4-epoch job reaches epoch 3
+    assert proc.returncode == 130 and f"resume={sweep}" in proc.stderr, proc.stderr
+    report = kd("report", str(sweep)).stdout
+    assert "3 jobs: 1 done, 1 stopped, 1 not started" in report
+    job0 = next(sweep.glob("0_*"))
+    kept = snapshot(job0)
+    proc = kd("train-student", f"resume={sweep}")
+    assert snapshot(job0) == kept  # finished before: not retrained, not rewritten
+    kd("train-student", "epochs=4", *SMALL, f"hydra.run.dir={kd.cwd / 'whole'}")
+    job1 = next(sweep.glob("1_*"))
+    whole = json.loads((kd.cwd / "whole" / "metrics.json").read_text())
+    assert json.loads((job1 / "metrics.json").read_text())["history"] == whole["history"]
+    w1, w = (load_checkpoint(d / "checkpoint.pt")["state_dict"] for d in (job1, kd.cwd / "whole"))
+    assert all(torch.equal(w1[k], w[k]) for k in w)
+    assert "3 jobs: 3 done" in kd("report", str(sweep)).stdout
+
+
+def test_a_sweep_with_another_config_into_the_same_folder_is_refused_by_job(kd):
+    for name, hidden in (("t1", 24), ("t2", 32)):
+        kd("train-teacher", f"model.hidden=[{hidden}]", "epochs=1", f"hydra.run.dir={kd.cwd / name}")
+    sweep = kd.cwd / "sweep"
+    kd("distill", "-m", "T=2,4", *SMALL, "epochs=1", f"teacher={kd.cwd / 't1' / 'checkpoint.pt'}",
+       f"hydra.sweep.dir={sweep}")
+    before = snapshot(sweep)
+    proc = kd("distill", "-m", "T=2,4", *SMALL, "epochs=1", f"teacher={kd.cwd / 't2' / 'checkpoint.pt'}",
+              f"hydra.sweep.dir={sweep}", check=False)  # the job folders' names do not hold teacher
+    refused(proc, "sweep job 0_", "teacher=", "choose a new hydra.sweep.dir")
+    proc = kd("distill", "-m", "T=2,5", *SMALL, "epochs=1", f"teacher={kd.cwd / 't1' / 'checkpoint.pt'}",
+              f"hydra.sweep.dir={sweep}", check=False)
+    refused(proc, "sweep job 1_", "T=5")
+    assert snapshot(sweep) == before
+
+
+# ---- values that make no sense are refused before any folder exists -----------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["distill", "T=1e6"], "T must be a number in [0.01, 1000]"),
+    (["distill", "T=inf"], "T must be"),
+    (["distill", "T=1e-200"], "T must be"),
+    (["distill", "lr=nan"], "lr must be a finite number > 0"),
+    (["train-student", "seed=18446744073709551616"], "seed must be an integer in 0.."),
+    (["train-student", "seed=-1"], "seed must be"),
+    (["train-student", "model.hidden=[true]"], "model.hidden must be a list of layer widths"),
+    (["train-student", "model.hidden=[]"], "model.hidden must be"),
+    (["train-student", "optim.weight_decay=-1"], "optim.weight_decay must be a finite number >= 0"),
+    (["train-student", "optim.warmup_epochs=abc"], "optim.warmup_epochs must be"),
+    (["train-student", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1"),
+    (["train-student", "batch_size=0"], "batch_size must be an integer >= 1"),
+    (["train-teacher", "model.max_norm=-2"], "model.max_norm must be"),
+    (["evaluate", "checkpoint=x.pt", "bias_shift={3:nan}"], "bias_shift must be null or a map from digits to finite numbers"),
+    (["evaluate", "checkpoint=x.pt", "fit_bias=[11]"], "fit_bias must be a list of digits"),
+])
+def test_a_meaningless_value_is_refused_before_any_folder(kd, args, says):
+    refused(kd(*args, check=False), says)
+    assert not (kd.cwd / "outputs").exists()
+
+
+@pytest.fixture
+def finished_student(kd):
+    kd("train-student", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 's'}")
+    return kd.cwd / "s" / "checkpoint.pt"
+
+
+def altered(path, out, change):
+    ckpt = load_checkpoint(path)
+    change(ckpt)
+    save_checkpoint(out, {k: v for k, v in ckpt.items() if k != "format_version"})
+    return out
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda c: c["state_dict"]["out.weight"].view(-1)[3].fill_(float("nan")), "non-finite weights"),
+    (lambda c: c.update(arch={"hidden": "800"}), "malformed architecture"),
+    (lambda c: c.update(config=[1, 2]), "malformed config"),
+    (lambda c: c.update(metrics="many"), "malformed metrics"),
+])
+def test_a_damaged_model_is_refused_as_checkpoint_and_as_teacher(kd, finished_student, damage, says):
+    bad = altered(finished_student, kd.cwd / "bad.pt", damage)
+    refused(kd("evaluate", f"checkpoint={bad}", check=False), says)
+    refused(kd("distill", f"teacher={bad}", *SMALL, "epochs=1", check=False), says)
+
+
+def test_a_resumable_state_is_not_a_model(kd):
+    run = kd.cwd / "stopped"
+    kd("train-teacher", *SMALL, "epochs=2", f"hydra.run.dir={run}", extra_env=stop_at(2, 1), check=False)
+    refused(kd("evaluate", f"checkpoint={run / 'state.pt'}", check=False), "resumable state", f"resume={run}")
+    refused(kd("distill", f"teacher={run / 'state.pt'}", *SMALL, "epochs=1", check=False), "resumable state")
+
+
+def test_a_diverged_run_says_why_and_leaves_nothing_to_resume(kd):
+    run = kd.cwd / "diverged"
+    proc = kd("train-student", *SMALL, "epochs=3", "lr=1e12", "optim.warmup_epochs=0", f"hydra.run.dir={run}",
+              check=False)
+    refused(proc, "diverged at epoch 1", "lower lr")
+    assert not (run / "state.pt").exists() and not (run / "checkpoint.pt").exists()
+    assert "diverged" in (run / "error.txt").read_text()
+    refused(kd("train-student", f"resume={run}", check=False), "no state.pt", "diverged")
+
+
+# ---- writes that fail ----------------------------------------------------------------------------
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC after a few bytes, as on a full disk."""
+
+    def __init__(self, f):
+        self.f, self.written = f, 0
+
+    def write(self, data):
+        room = 100 - self.written
+        if len(data) > room:
+            self.f.write(data[:max(room, 0)])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def disk_full_at(monkeypatch):
+    """disk_full_at("state.pt", after=1): the 2nd and later writes of state.pt fail."""
+    def arm(name, after=0):
+        real, count = os.fdopen, [0]
+
+        def fdopen(fd, *args, **kwargs):
+            f = real(fd, *args, **kwargs)
+            if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(name + "."):
+                count[0] += 1
+                if count[0] > after:
+                    return FullDisk(f)
+            return f
+
+        monkeypatch.setattr(os, "fdopen", fdopen)
+    return arm
+
+
+@pytest.mark.parametrize("target, after", [("state.pt", 1), ("checkpoint.pt", 0), ("metrics.json", 0)])
+def test_a_full_disk_is_one_line_and_loses_nothing(kd, disk_full_at, target, after):
+    run = kd.cwd / "run"
+    disk_full_at(target, after)
+    proc = kd("train-student", *SMALL, "epochs=3", f"hydra.run.dir={run}", check=False)
+    refused(proc, f"could not write {run / target}", "No space left on device")
+    assert not list(run.glob("*.tmp")) and not (run / "metrics.json").exists()
+    state = load_checkpoint(run / "state.pt")  # the last good state, whole
+    assert state["epoch"] == (1 if target == "state.pt" else 3)
+
+
+def test_a_run_removes_the_temporary_files_a_kill_left(kd):
+    run = kd.cwd / "stopped"
+    kd("train-student", *SMALL, "epochs=2", f"hydra.run.dir={run}", extra_env=stop_at(2, 1), check=False)
+    (run / "state.pt.k3j2.tmp").write_bytes(b"half a state")
+    (run / "checkpoint.pt.x9.tmp").write_bytes(b"half a checkpoint")
+    kd("train-student", f"resume={run}")
+    assert not list(run.glob("*.tmp")) and (run / "metrics.json").exists()
+
+
+def test_a_second_ctrl_c_never_cuts_a_save_in_half(kd, monkeypatch):
+    from kd_cli import train
+
+    real = train.save_checkpoint
+
+    def save_with_two_ctrl_c(path, payload, durable=True):
+        signal.raise_signal(signal.SIGINT)  # the first asks to stop, the second would stop at once
+        signal.raise_signal(signal.SIGINT)
+        return real(path, payload, durable)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_with_two_ctrl_c)
+    run = kd.cwd / "run"
+    proc = kd("train-student", *SMALL, "epochs=3", f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 130 and "state saved" in proc.stderr and "Traceback" not in proc.stderr
+    state = load_checkpoint(run / "state.pt")  # whole, and where the stop was asked for
+    assert (state["epoch"], state["step"]) == (1, 0)
+    monkeypatch.setattr(train, "save_checkpoint", real)
+    kd("train-student", f"resume={run}")
+    kd("train-student", *SMALL, "epochs=3", f"hydra.run.dir={kd.cwd / 'whole'}")
+    assert json.loads((run / "metrics.json").read_text())["history"] == \
+        json.loads((kd.cwd / "whole" / "metrics.json").read_text())["history"]
+
+
+def test_ctrl_c_in_train_specialists_is_one_line(kd):
+    kd("train-teacher", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 'g'}")
+    proc = kd("train-specialists", f"generalist={kd.cwd / 'g' / 'checkpoint.pt'}", "clusters=3", "epochs=2",
+              extra_env=stop_at(1, 2), check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("kd: error:")]
+    assert proc.returncode == 130 and len(lines) == 1 and "run it again" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---- sweeps and reports never lose a job -----------------------------------------------------------
+
+def test_a_job_that_crashes_is_a_failed_row_and_the_sweep_goes_on(kd, monkeypatch):
+    from kd_cli import stages
+
+    real = stages.STAGES["train-student"]
+
+    def crash_on_seed_1(cfg, out_dir):
+        if cfg.seed == 1:
+            raise RuntimeError("a bug in a stage")
+        return real(cfg, out_dir)
+
+    monkeypatch.setitem(stages.STAGES, "train-student", crash_on_seed_1)
+    sweep = kd.cwd / "sweep"
+    proc = kd("train-student", "-m", "seed=0,1,2", *SMALL, "epochs=1", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "RuntimeError: a bug in a stage" in proc.stderr
+    assert "3 jobs: 2 done, 1 failed" in (sweep / "report.md").read_text()
+
+
+def test_report_shows_damaged_jobs_as_rows(kd):
+    sweep = kd.cwd / "sweep"
+    kd("train-student", "-m", "seed=0,1,2", *SMALL, "epochs=1", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    (jobs[0] / "metrics.json").write_text('{"test_err')  # cut short
+    (jobs[1] / ".hydra" / "overrides.yaml").write_text("[unclosed")
+    proc = kd("report", str(sweep))
+    assert "3 jobs: 1 done, 2 unreadable" in proc.stdout
+    assert "metrics.json: JSONDecodeError" in proc.stdout and "overrides.yaml" in proc.stdout
+    (kd.cwd / "a-file").write_text("x")
+    refused(kd("report", str(sweep), "--out", str(kd.cwd / "a-file"), check=False), "is a file")
+
+
+def test_a_folder_it_cannot_write_in_is_refused_before_hydra_makes_it(kd, monkeypatch):
+    from kd_cli import run
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(run.tempfile, "mkstemp", read_only)
+    refused(kd("train-student", *SMALL, f"hydra.run.dir={kd.cwd / 'ro' / 'run'}", check=False),
+            "cannot write in", "Read-only file system", "choose a writable hydra.run.dir")
+    assert not (kd.cwd / "ro").exists()
