@@ -40,3 +40,16 @@ def test_paper_table_reports_the_runs_it_made(tmp_path, tiny_root):
     assert "default recipe: T=5 alpha=0.1, jittered +-2 px transfer set" in md
     assert "paper's setup (`recipe=student`): T=20 alpha=0.1, unjittered transfer set" in md
     assert len([line for line in md.splitlines() if line.startswith("| ") and "784" in line]) == 4
+
+
+def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("same_results", SCRIPT.with_name("same_results.py"))
+    same = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same)
+    for name in ("before", "after"):
+        kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / name / 'student'}")
+    assert same.compare(tmp_path / "before" / "student", tmp_path / "after" / "student") == ""
+    kd("train-student", "model.hidden=[16]", "epochs=1", "seed=1", f"hydra.run.dir={tmp_path / 'other' / 'student'}")
+    assert same.compare(tmp_path / "before" / "student", tmp_path / "other" / "student") == "weights differ"

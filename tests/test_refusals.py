@@ -147,10 +147,10 @@ def test_a_resumable_state_is_not_a_model(kd):
 
 
 def test_a_diverged_run_says_why_and_leaves_nothing_to_resume(kd):
-    run = kd.cwd / "diverged"
-    proc = kd("train-student", *SMALL, "epochs=3", "lr=1e12", "optim.warmup_epochs=0", f"hydra.run.dir={run}",
-              check=False)
-    refused(proc, "diverged at epoch 1", "lower lr")
+    run = kd.cwd / "diverged"  # epoch 1 trains (and saves its state); lr x 1e12 from epoch 2
+    proc = kd("train-student", *SMALL, "epochs=3", "optim.schedule=exponential", "optim.lr_decay=1e12",
+              f"hydra.run.dir={run}", check=False)
+    refused(proc, "diverged at epoch 2", "lower lr")
     assert not (run / "state.pt").exists() and not (run / "checkpoint.pt").exists()
     assert "diverged" in (run / "error.txt").read_text()
     refused(kd("train-student", f"resume={run}", check=False), "no state.pt", "diverged")
