@@ -13,6 +13,8 @@ from kd_cli.checkpoint import load_checkpoint, save_checkpoint
 from kd_cli.data import load_mnist
 from kd_cli.models import MLP
 
+from conftest import run_in_process
+
 STUDENT, TEACHER = 16, 24  # hidden widths: a forward is the student's or the teacher's by its width
 
 
@@ -59,6 +61,19 @@ def teacher(kd, name, *args):
     return kd.cwd / name / "checkpoint.pt"
 
 
+@pytest.fixture(scope="module")
+def two_teachers(tmp_path_factory, tiny_root):
+    """Two small teachers (seeds 0 and 1), trained once for the tests that only read them."""
+    cwd = tmp_path_factory.mktemp("teachers")
+    paths = []
+    for seed in (0, 1):
+        proc = run_in_process(["train-teacher", f"model.hidden=[{TEACHER}]", "epochs=2", f"seed={seed}",
+                               f"hydra.run.dir={cwd / str(seed)}"], cwd, {"KD_DATA_ROOT": str(tiny_root)})
+        assert proc.returncode == 0, proc.stderr
+        paths.append(cwd / str(seed) / "checkpoint.pt")
+    return paths
+
+
 def combined(log_ps, how):
     """The ensemble's log-probabilities, by the formulas: log of the mean probability, or the
     normalised product (mean log-probability)."""
@@ -71,10 +86,9 @@ def combined(log_ps, how):
 
 @pytest.mark.parametrize("jitter", [0, 2])  # the cached targets and the per-batch teacher
 @pytest.mark.parametrize("how", ["one", "arithmetic", "geometric"])
-def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, forwards, soft_targets_seen,
-                                                                         jitter, how):
-    paths = [teacher(kd, "t0")] + ([teacher(kd, "t1", "seed=1")] if how != "one" else [])
-    forwards.clear()
+def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two_teachers, forwards,
+                                                                         soft_targets_seen, jitter, how):
+    paths = two_teachers[:1 if how == "one" else 2]
     T = 3.0
     arg = f"teacher={paths[0]}" if how == "one" else f"teacher=[{paths[0]},{paths[1]}]"
     kd("distill", arg, f"teacher_combine={'arithmetic' if how == 'one' else how}", f"T={T}", f"data.jitter={jitter}",
@@ -120,9 +134,8 @@ def test_evaluate_reports_the_combination_it_was_asked_for(kd):
         assert [x["test_errors"] for x in m["members"]] == [int((v.argmax(1) != test_y).sum()) for v in log_ps]
 
 
-def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, forwards):
-    path = teacher(kd, "t")  # dropout 0.2 / 0.5: evaluating in train mode would change the answer
-    forwards.clear()
+def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, two_teachers, forwards):
+    path = two_teachers[0]  # dropout 0.2 / 0.5: evaluating in train mode would change the answer
     for name in ("e1", "e2"):
         kd("evaluate", f"checkpoint={path}", f"hydra.run.dir={kd.cwd / name}")
     assert forwards and all(not training for _, training, _, _ in forwards)

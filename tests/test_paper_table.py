@@ -15,16 +15,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper_table.py"
 
 
 @pytest.mark.subprocess
-def test_paper_table_reports_the_runs_it_made(tmp_path, tiny_root):
+def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root):
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
     out = tmp_path / "table"
     env = {**os.environ, "KD_DATA_ROOT": str(tiny_root),
            "PATH": f"{Path(KD).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the script runs `kd`
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "1", "--extra", "epochs=1 model.hidden=[16]",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "1", "--teacher", str(tmp_path / "teacher" / "checkpoint.pt"), "--extra", "epochs=1 model.hidden=[16]",
                            "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = json.loads((out / "table.json").read_text())
-    folders = {"teacher": ["teacher-seed0"], "student": ["student-seed1"], "distilled": ["distilled-seed1"],
+    folders = {"teacher": ["../teacher"], "student": ["student-seed1"], "distilled": ["distilled-seed1"],
                "distilled_paper_setup": ["distilled-paper-setup-seed1"]}
     for row, names in folders.items():
         errors = [json.loads((out / n / "metrics.json").read_text())["test_errors"] for n in names]

@@ -140,10 +140,10 @@ def test_runs_started_together_get_their_own_folders(kd):
     env = {**os.environ, "KD_DATA_ROOT": str(kd.root)}
     procs = [subprocess.Popen([KD, "train-student", "epochs=1", "data.train_limit=100", "model.hidden=[8]"],
                               cwd=kd.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for _ in range(3)]
-    assert [p.wait() for p in procs] == [0, 0, 0]
+             for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
     dirs = list((kd.cwd / "outputs" / "train-student").iterdir())
-    assert len(dirs) == 3 and all((d / "checkpoint.pt").exists() for d in dirs)
+    assert len(dirs) == 2 and all((d / "checkpoint.pt").exists() for d in dirs)
 
 
 def test_a_stopped_sweep_job_resumes_from_its_folder(kd, untouched):
