@@ -85,31 +85,6 @@ def quote_paths(overrides):
     return out
 
 
-def resume_overrides(stage, overrides):
-    """`kd <stage> resume=<run dir>` continues that run in that folder with the overrides it
-    started with (from its .hydra/overrides.yaml), so it ends exactly as if never stopped;
-    `resume=<sweep dir>` relaunches the sweep's own command into its folder (run.py continues it)."""
-    wanted = [o for o in overrides if o.startswith("resume=")]
-    if not wanted:
-        return overrides
-    if len(wanted) != len(overrides):
-        raise KDError("resume=<run dir> takes no other arguments: the run continues with the config it started with")
-    import yaml
-
-    run_dir = Path(wanted[-1].split("=", 1)[1])
-    if (run_dir / "multirun.yaml").is_file():
-        return run.sweep_overrides(stage, run_dir)
-    try:
-        original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        started_as = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["name"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        raise KDError(f"{run_dir} is not a kd run folder (no readable .hydra/overrides.yaml in it)") from None
-    if started_as != stage:
-        raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
-    run.check_resume(run_dir)  # before Hydra rewrites anything in that folder
-    return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
-
-
 def _is_hydra_key(override):
     return override.lstrip("+~").startswith("hydra")
 
@@ -224,7 +199,14 @@ def main(argv=None):
         return 0
     stage, overrides = argv[0], argv[1:]
     if stage == "report":
-        return report_main(overrides)
+        from .report import main as report_main
+
+        try:
+            print(report_main(overrides, REPORT_HELP))
+        except KDError as e:
+            _fail(str(e))
+            return 2
+        return 0
     if stage not in STAGES:
         _fail(f"unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (kd --help)")
         return 2
@@ -232,7 +214,7 @@ def main(argv=None):
     inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
     try:
         if not inspect_only:
-            overrides = resume_overrides(stage, overrides)  # reads resume=<dir> as typed
+            overrides = run.resume_overrides(stage, overrides)  # reads resume=<dir> as typed
         # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
         flags = [o for o in overrides if o in ("-m", "--multirun")]
         overrides = [*flags, *quote_paths(o for o in overrides if o not in flags)]
@@ -274,27 +256,6 @@ def _report_quietly(sweep):
         print(f"sweep report: {sweep / 'report.md'}", flush=True)
     except Exception as e:  # a report is a convenience: it never fails the sweep
         _fail(f"could not write the sweep report ({e}); try kd report {sweep}")
-
-
-def report_main(args):
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="kd report", description=REPORT_HELP + ". Lists every job: done, "
-                                 "failed (with its last error line), stopped (resumable) or unfinished.")
-    ap.add_argument("paths", nargs="+", help="sweep folders (outputs/<stage>-sweep/<stamp>) or run folders")
-    ap.add_argument("--out", help="where report.md/.csv/.png go (default: the first path)")
-    args = ap.parse_args(args)
-    from .report import report
-
-    try:
-        print(report(args.paths, args.out))
-    except KDError as e:
-        _fail(str(e))
-        return 2
-    except OSError as e:
-        _fail(f"could not write the report: {e.strerror or e} ({e.filename}); give a writable --out")
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

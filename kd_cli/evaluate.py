@@ -54,3 +54,26 @@ def errors_on(counts, classes, labels):
     """Errors and images of `classes` only: the numbers the paper quotes for the shifted digits."""
     total = int(sum(int((labels == c).sum()) for c in classes))
     return {"errors": int(sum(counts["per_class_errors"][c] for c in classes)), "images": total}
+
+
+def bias_correction(test_logits, test_y, shift=None, fit_classes=None, val_logits=None, val_y=None):
+    """The paper's fix for a class the transfer set lacked: add `shift` ({class: amount}) to output
+    biases, or fit one shift for `fit_classes` on validation logits (never the test set). Returns
+    the shifted test logits and a record of the errors before and after, total and on the
+    shifted classes."""
+    shift, record = dict(shift or {}), {}
+    if fit_classes:
+        value, val_after = fit_bias_shift(val_logits, val_y, fit_classes)
+        shift = {c: value for c in sorted(fit_classes)}
+        record = {"fitted_on": "validation split", "val_size": int(val_y.numel()),
+                  "val_errors_before": count_errors(val_logits, val_y)["test_errors"], "val_errors_after": val_after}
+    classes = sorted(shift)
+
+    def summary(logits):
+        counts = count_errors(logits, test_y)
+        return {"test_errors": counts["test_errors"], "per_class_errors": counts["per_class_errors"],
+                "on_shifted_classes": errors_on(counts, classes, test_y)}
+
+    shifted = shift_biases(test_logits, shift)
+    return shifted, {"shift": {str(c): v for c, v in shift.items()}, **record,
+                     "before": summary(test_logits), "after": summary(shifted)}

@@ -6,6 +6,12 @@ tempered distribution, p = softmax(v/T) the teacher's (the soft targets).
 import torch.nn.functional as F
 
 
+def hard_label_loss(student_logits, labels, target=None):
+    """CE(softmax(z), y): the teacher's and the baseline student's loss, in the loop's one
+    signature loss(z, y or None, target or None)."""
+    return F.cross_entropy(student_logits, labels)
+
+
 def soft_targets(teacher_logits, T):
     """log p = log_softmax(v / T). Kept as log-probabilities: exact where p underflows to 0."""
     return F.log_softmax(teacher_logits / T, dim=1)

@@ -233,3 +233,18 @@ def report(paths, out=None):
     (out / "report.md").write_text(text + "\n")
     write_csv(out / "report.csv", rows, swept)
     return text
+
+
+def main(args, description):
+    """`kd report PATH... [--out DIR]`: the table, as printed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="kd report", description=description + ". Lists every job: done, failed "
+                                 "(with its last error line), stopped (resumable), unfinished, not started or unreadable.")
+    ap.add_argument("paths", nargs="+", help="sweep folders (outputs/<stage>-sweep/<stamp>) or run folders")
+    ap.add_argument("--out", help="where report.md/.csv/.png go (default: the first path)")
+    args = ap.parse_args(args)
+    try:
+        return report(args.paths, args.out)
+    except OSError as e:
+        raise KDError(f"could not write the report: {e.strerror or e} ({e.filename}); give a writable --out") from None

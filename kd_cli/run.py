@@ -168,3 +168,42 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
             key, now, then = differs
             raise KDError(f"sweep job {folder.name} ran with {key}={then!r}, and this sweep would run it with "
                           f"{key}={now!r}; {again}")
+
+
+def start(out_dir, resume=None):
+    """Before a stage trains in out_dir: remove what a killed write left there, and return the
+    state.pt to continue (resume=) or None for a new run, which must find no run's state or
+    results in its folder (cli.py checked before Hydra; this holds for any caller)."""
+    remove_temporaries(out_dir)
+    if resume:
+        state = check_resume(resume, out_dir)
+        (Path(out_dir) / ERROR).unlink(missing_ok=True)  # why an earlier attempt failed: gone
+        return state
+    if state_of(out_dir) in ("finished", "stopped"):
+        raise KDError(f"{out_dir} already holds a run; continue it with resume= or choose a new hydra.run.dir")
+    return None
+
+
+def resume_overrides(stage, overrides):
+    """`kd <stage> resume=<run dir>` continues that run in that folder with the overrides it
+    started with (from its .hydra/overrides.yaml), so it ends exactly as if never stopped;
+    `resume=<sweep dir>` relaunches the sweep's own command into its folder (run.py continues it)."""
+    wanted = [o for o in overrides if o.startswith("resume=")]
+    if not wanted:
+        return overrides
+    if len(wanted) != len(overrides):
+        raise KDError("resume=<run dir> takes no other arguments: the run continues with the config it started with")
+    import yaml
+
+    run_dir = Path(wanted[-1].split("=", 1)[1])
+    if (run_dir / "multirun.yaml").is_file():
+        return sweep_overrides(stage, run_dir)
+    try:
+        original = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        started_as = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["name"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        raise KDError(f"{run_dir} is not a kd run folder (no readable .hydra/overrides.yaml in it)") from None
+    if started_as != stage:
+        raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
+    check_resume(run_dir)  # before Hydra rewrites anything in that folder
+    return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]

@@ -8,7 +8,12 @@ import math
 
 import torch
 
+from .checkpoint import cpu_weights
 from .errors import KDError
+from .evaluate import count_errors, predict_logits
+from .losses import hard_label_loss
+from .models import build_mlp
+from .train import train
 
 
 def covariance_clusters(predictions, k, seed=0, iterations=100):
@@ -115,3 +120,38 @@ def combine(p_g, p_specialists, subsets, active, steps=200):
     none = ~active.any(1)
     q[none] = p_g[none]
     return q
+
+
+def train_specialist(generalist, classes, x, y, recipe, jitter_pixels=0, seed=0):
+    """One specialist for `classes`: the generalist's hidden layers and head (specialist_head) as
+    the start, fine-tuned on specialist_data, then its dustbin corrected for the oversampling.
+    Returns (model in eval mode, record for the checkpoint)."""
+    xs, ys, shift = specialist_data(x, y, classes, seed)
+    model = build_mlp({**generalist.arch, "out_features": len(classes) + 1}).to(x.device)
+    with torch.no_grad():
+        for mine, theirs in zip(model.hidden, generalist.hidden):
+            mine.load_state_dict(theirs.state_dict())
+        model.out.weight[:], model.out.bias[:] = specialist_head(generalist.out, classes)
+    result = train(model, xs, ys, hard_label_loss, recipe, jitter_pixels=jitter_pixels,
+                   desc=f"specialist {classes}")
+    with torch.no_grad():
+        model.out.bias[-1] += shift  # undo the dustbin's under-representation in the mix
+    return model.eval(), {"classes": classes, "train_images": int(ys.numel()), "dustbin_shift": round(shift, 6),
+                          "train_seconds": round(result["train_seconds"], 3), "arch": model.arch,
+                          "state_dict": cpu_weights(model)}
+
+
+def evaluate_combination(generalist, specialists, subsets, top_n, test_x, test_y, batch_size):
+    """Test errors of the generalist alone and combined with its specialists: the counts of the
+    combination (count_errors), and the generalist's for comparison."""
+    p_g = torch.softmax(predict_logits(generalist, test_x, batch_size), 1)
+    p_m = [torch.softmax(predict_logits(m, test_x, batch_size), 1) for m in specialists]
+    active = active_specialists(p_g, subsets, top_n)
+    q = combine(p_g, p_m, subsets, active)
+    alone, together = count_errors(p_g.log(), test_y), count_errors(q.log(), test_y)
+    any_active = active.any(1)
+    return {**together, "test_error_rate": together["test_errors"] / together["test_total"],
+            "generalist_test_errors": alone["test_errors"], "generalist_per_class_errors": alone["per_class_errors"],
+            "cases_with_active_specialists": int(any_active.sum()),
+            "errors_where_active": {"generalist": int((p_g.argmax(1) != test_y)[any_active].sum()),
+                                    "combined": int((q.argmax(1) != test_y)[any_active].sum())}}

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from .checkpoint import check_model, load_checkpoint, newest_checkpoint, sha256_of
 from .config import COMBINE
 from .errors import KDError
+from .losses import soft_targets
 from .models import build_mlp
 
 TEACHER_STAGE = "train-teacher"
@@ -100,3 +101,29 @@ def teacher_logits(model, x, batch_size=10000):
     no_grad rather than inference_mode: the soft targets are saved for the student's backward."""
     model.eval()
     return torch.cat([model(chunk) for chunk in x.split(batch_size)])
+
+
+class SoftTargets:
+    """What a distilled student matches, batch by batch: the teachers' combined log-probabilities
+    at T (loss=kd), or their mean logit (loss=logit_mse). The teachers run in eval mode and outside
+    autograd: once over the whole transfer set when it is not augmented (`cache_on`), else on each
+    (jittered) batch exactly as the student sees it. Called as targets(idx, xb): idx are the
+    batch's indices into the transfer set, xb its images."""
+
+    def __init__(self, teachers, T, kind="kd", combine="arithmetic", cache_on=None, batch_size=10000):
+        self.teachers, self.T, self.kind, self.combine = list(teachers), float(T), kind, combine
+        self.batch_size, self.cached = batch_size, None
+        if cache_on is not None:
+            self.cached = self.of(cache_on)
+            self.teachers = []  # never run again: let their memory go
+
+    def of(self, x):
+        logits = [teacher_logits(t, x, self.batch_size) for t in self.teachers]
+        if self.kind == "logit_mse":
+            return torch.stack(logits).mean(0) if len(logits) > 1 else logits[0]
+        if len(logits) == 1:
+            return soft_targets(logits[0], self.T)
+        return combine_log_probs(torch.stack([soft_targets(v, self.T) for v in logits]), self.combine)
+
+    def __call__(self, idx, xb):
+        return self.cached[idx] if self.cached is not None else self.of(xb)

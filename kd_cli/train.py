@@ -137,14 +137,14 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0, evaluate=None,
-          desc="train", state_path=None, state_extra=None, batch_targets=None):
-    """Train `model` in place on images x [N, 28, 28] and per-image `targets` (a tuple of tensors
-    indexed like x), calling loss_fn(logits, *batch_targets). Before the first epoch and after
-    each one `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the
-    untrained model) and shown on the bar. `batch_targets(xb)`,
-    if given, adds targets computed from each (jittered) batch: a teacher run per batch when the
-    transfer set is augmented.
+def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, evaluate=None,
+          desc="train", state_path=None, state_extra=None):
+    """Train `model` in place on images x [N, 28, 28] with labels y [N] (None for an unlabeled
+    transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx,
+    xb)`: what it must match on the batch of images idx, seen (jittered) as xb. Each step calls
+    loss_fn(logits, labels or None, targets or None). Before the first epoch and after each one
+    `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the untrained
+    model) and shown on the bar.
 
     With `state_path`, the full training state (weights, optimizer, position, every RNG state) is
     saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
@@ -194,7 +194,7 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
             # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
             perm = torch.randperm(n, device=device)
             xe = jitter(x[perm], jitter_pixels)
-            te = [t[perm] for t in targets]
+            ye = None if y is None else y[perm]
             if mid_epoch:  # stopped mid-epoch: continue at the batch it stopped before
                 set_rng_state(state["rng"], device)
                 first_step, loss_sum = at["step"], state["loss_sum"]
@@ -211,8 +211,8 @@ def train(model, x, targets, loss_fn, recipe, *, max_norm=None, jitter_pixels=0,
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
                 xb = xe[s]
-                extra = batch_targets(xb) if batch_targets is not None else ()
-                loss = loss_fn(model(xb), *(t[s] for t in te), *extra)
+                tb = None if targets is None else targets(perm[s], xb)
+                loss = loss_fn(model(xb), None if ye is None else ye[s], tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.clip_grad_norm:

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from kd_cli.losses import hard_label_loss
 from kd_cli.models import MLP
 from kd_cli.train import Recipe, train
 
@@ -42,7 +43,7 @@ def fit(seed, epochs=3, **kw):
     torch.manual_seed(seed)
     x, y = toy()
     m = MLP(hidden=[32], dropout_hidden=0.2)
-    out = train(m, x, (y,), torch.nn.functional.cross_entropy,
+    out = train(m, x, y, hard_label_loss,
                 Recipe(epochs=epochs, batch_size=32, lr=0.1, schedule="cosine"),
                 max_norm=2.0, jitter_pixels=1, **{"evaluate": lambda m: {"test_errors": 0}, **kw})
     return m, out
@@ -65,12 +66,12 @@ def test_partial_last_batch_is_used():
     seen = []
     x, y = toy(70)
     m = MLP(hidden=[8])
-    train(m, x, (y,), lambda z, t: (seen.append(len(t)), z.sum() * 0)[1],
+    train(m, x, y, lambda z, t, _: (seen.append(len(t)), z.sum() * 0)[1],
           Recipe(epochs=1, batch_size=32, lr=0.1))
     assert seen == [32, 32, 6]
 
 
-def test_batch_targets_see_the_jittered_batch_the_model_sees():
+def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
     torch.manual_seed(5)
     x, y = toy(64)
     seen = []
@@ -80,12 +81,14 @@ def test_batch_targets_see_the_jittered_batch_the_model_sees():
             seen.append(xb.clone())
             return super().forward(xb)
 
-    def loss_fn(z, yb, sums):
+    def loss_fn(z, yb, target):
+        sums, idx = target
         torch.testing.assert_close(sums, seen[-1].flatten(1).sum(1))
+        assert torch.equal(yb, y[idx])  # the labels and the indices are of the same images
         return torch.nn.functional.cross_entropy(z, yb)
 
-    train(Recorder(hidden=[8]), x, (y,), loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
-          jitter_pixels=2, batch_targets=lambda xb: (xb.flatten(1).sum(1),))
+    train(Recorder(hidden=[8]), x, y, loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
+          jitter_pixels=2, targets=lambda idx, xb: (xb.flatten(1).sum(1), idx))
     assert len(seen) == 8
 
 
@@ -112,7 +115,7 @@ def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
     if stop_during == "evaluation":
         kw["evaluate"] = lambda m: (signal_once(m), {"test_errors": 0})[1]
     else:
-        kw["batch_targets"] = lambda xb: (signal_once(xb), ())[1]
+        kw["targets"] = lambda idx, xb: signal_once(xb)
     with pytest.raises(Interrupted):
         fit(0, epochs=4, **kw)
     resumed, out = fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"})
@@ -127,7 +130,7 @@ def test_clip_grad_norm_bounds_each_step():
         torch.manual_seed(0)
         m = MLP(hidden=[8])
         before = [p.detach().clone() for p in m.parameters()]
-        train(m, x, (y,), torch.nn.functional.cross_entropy,
+        train(m, x, y, hard_label_loss,
               Recipe(epochs=1, batch_size=32, lr=1.0, momentum=0.0, momentum_start=0.0,
                      schedule="constant", clip_grad_norm=clip))
         step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(m.parameters(), before)))

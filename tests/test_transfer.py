@@ -75,11 +75,11 @@ def seen_by_loss(monkeypatch):
     seen = []
     real = stages.train
 
-    def spy(model, x, targets, loss_fn, recipe, **kw):
-        def recording(z, *t):
-            seen.append(t)
-            return loss_fn(z, *t)
-        return real(model, x, targets, recording, recipe, **kw)
+    def spy(model, x, y, loss_fn, recipe, **kw):
+        def recording(z, labels, target):
+            seen.append((labels, target))
+            return loss_fn(z, labels, target)
+        return real(model, x, y, recording, recipe, **kw)
 
     monkeypatch.setattr(stages, "train", spy)
     return seen
@@ -106,7 +106,7 @@ def test_alpha_zero_never_hands_the_labels_to_the_loss(compose_cfg, seen_by_loss
     run("train-teacher", compose_cfg("train-teacher", "epochs=1"), tmp_path / "t")
     seen_by_loss.clear()
     run("distill", compose_cfg("distill", f"teacher={tmp_path / 't' / 'checkpoint.pt'}", "alpha=0"), tmp_path / "d")
-    assert seen_by_loss and all(len(t) == 1 and t[0].is_floating_point() for t in seen_by_loss)
+    assert seen_by_loss and all(labels is None and target.is_floating_point() for labels, target in seen_by_loss)
 
 
 @pytest.mark.parametrize("stage", ["distill", "train-student"])
