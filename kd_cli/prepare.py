@@ -48,7 +48,8 @@ def recipe_of(cfg):
                   weight_decay=float(o.weight_decay), schedule=o.schedule,
                   warmup_epochs=float(o.warmup_epochs), lr_decay=float(o.lr_decay),
                   lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum),
-                  clip_grad_norm=None if o.get("clip_grad_norm") is None else float(o.clip_grad_norm))
+                  clip_grad_norm=None if o.get("clip_grad_norm") is None else float(o.clip_grad_norm),
+                  precision=cfg.precision)
 
 
 def model_of(cfg, device, in_features, out_features=10):

@@ -36,7 +36,8 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     metrics = {"stage": stage, **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
                "epochs": int(cfg.epochs), "train_images": int(train_x.shape[0]),
                "train_seconds": round(result["train_seconds"], 3), "seed": int(cfg.seed),
-               "device": str(train_x.device), "arch": model.arch, **extra, "history": result["history"]}
+               "device": str(train_x.device), "precision": cfg.precision, "arch": model.arch, **extra,
+               "history": result["history"]}
     payload = {"arch": model.arch, "state_dict": cpu_weights(model), "config": OmegaConf.to_container(cfg, resolve=True)}
     if teacher is not None:
         payload["teacher"] = teacher

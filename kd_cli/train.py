@@ -34,6 +34,7 @@ class Recipe:
     lr_decay: float = 1.0       # exponential: multiplier per whole epoch
     lr_times_one_minus_momentum: bool = False
     clip_grad_norm: float | None = None  # rescale a step whose gradient norm exceeds this
+    precision: str = "fp32"     # bf16: the forward under bfloat16 autocast; all else float32
 
     def at(self, t):
         """(lr, momentum) at fractional epoch t."""
@@ -182,6 +183,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     bar = tqdm(range(at["epoch"], recipe.epochs), desc=desc, unit="epoch", file=sys.stderr,
                dynamic_ncols=True, initial=at["epoch"], total=recipe.epochs)
     signal_at = signal_at_from_env()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "bf16" \
+        else contextlib.nullcontext()
     with stop_requests() as stop:
         for epoch in bar:
             start = time.perf_counter()
@@ -212,7 +215,10 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
                 xb = xe[s]
                 tb = None if targets is None else targets(perm[s], xb)
-                loss = loss_fn(model(xb), None if ye is None else ye[s], tb)
+                with autocast:  # bf16: the matrix multiplies in bfloat16, the weights stay float32
+                    z = model(xb)
+                # the loss (softmaxes, logs, T) in float32 on the logits; a no-op for fp32
+                loss = loss_fn(z.float(), None if ye is None else ye[s], tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if recipe.clip_grad_norm:

@@ -222,3 +222,28 @@ def test_specialists_improve_on_a_weak_generalist(kd):
     assert m["generalist_test_errors"] == int((plain_logits(weak, test_x).argmax(1) != test_y).sum())
     assert m["generalist_test_errors"] > 120 and m["test_errors"] < m["generalist_test_errors"] / 2
     assert m["errors_where_active"]["combined"] < m["errors_where_active"]["generalist"]
+
+
+def test_bf16_runs_the_forward_in_bfloat16_keeps_float32_and_learns(kd):
+    """precision=bf16: the training forward's matrix multiplies in bfloat16; weights, checkpoint
+    and evaluation in float32; the same seed gives the same weights; and it still learns."""
+    linear_out = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            linear_out.append((module.training, output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        for name in ("a", "b"):
+            kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=5", "batch_size=50", "precision=bf16",
+               f"hydra.run.dir={kd.cwd / name}")
+    finally:
+        handle.remove()
+    assert {dtype for training, dtype in linear_out if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in linear_out if not training} == {torch.float32}
+    wa, wb = (load_checkpoint(kd.cwd / n / "checkpoint.pt")["state_dict"] for n in ("a", "b"))
+    assert all(v.dtype == torch.float32 for v in wa.values()) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    history, final = history_and_final(kd.cwd / "a")
+    assert history[0] > 120 and final <= 10
+    assert json.loads((kd.cwd / "a" / "metrics.json").read_text())["precision"] == "bf16"
