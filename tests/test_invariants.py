@@ -12,6 +12,7 @@ from kd_cli import losses
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
 from kd_cli.data import load_mnist
 from kd_cli.models import MLP
+from kd_cli.prepare import native_bf16
 
 from conftest import run_in_process
 
@@ -236,8 +237,9 @@ def test_bf16_runs_the_forward_in_bfloat16_keeps_float32_and_learns(kd):
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         for name in ("a", "b"):
-            kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=5", "batch_size=50", "precision=bf16",
-               f"hydra.run.dir={kd.cwd / name}")
+            proc = kd("train-teacher", f"model.hidden=[{TEACHER}]", "epochs=5", "batch_size=50", "precision=bf16",
+                      f"hydra.run.dir={kd.cwd / name}")
+            assert ("kd: warning: precision=bf16" in proc.stderr) != native_bf16(torch.device("cpu"))
     finally:
         handle.remove()
     assert {dtype for training, dtype in linear_out if training} == {torch.bfloat16}
