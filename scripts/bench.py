@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_cli.data import load_mnist
-from kd_cli.losses import distillation_loss, soft_targets
+from kd_cli.losses import distillation_loss, hard_label_loss, soft_targets
 from kd_cli.models import MLP
-from kd_cli.teachers import teacher_logits
+from kd_cli.teachers import SoftTargets, teacher_logits
 from kd_cli.train import Recipe, train
 
 TEACHER = dict(hidden=[1200, 1200], dropout_input=0.2, dropout_hidden=0.5)
@@ -109,14 +109,14 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
-def kd_epoch_seconds(model, x, targets, loss_fn, batch_size, repeats, jitter=0, max_norm=None, batch_targets=None):
+def kd_epoch_seconds(model, x, y, loss_fn, batch_size, repeats, jitter=0, max_norm=None, targets=None):
     recipe = Recipe(epochs=1 + repeats, batch_size=batch_size, lr=0.05, momentum=0.9, nesterov=True,
                     schedule="cosine")
     # the end-of-epoch callback stamps the clock (after the epoch's one sync): epoch k's time is
     # the gap between stamps k-1 and k, so the first (warm-up) epoch is left out
-    out = train(model, x, targets, loss_fn, recipe, max_norm=max_norm, jitter_pixels=jitter,
-                evaluate=lambda m: {"t": time.perf_counter()}, batch_targets=batch_targets)
-    stamps = [row["t"] for row in out["history"]]
+    out = train(model, x, y, loss_fn, recipe, targets=targets, max_norm=max_norm, jitter_pixels=jitter,
+                evaluate=lambda m: {"t": time.perf_counter()})
+    stamps = [row["t"] for row in out["history"][1:]]  # history[0] is stamped before training
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
 
 
@@ -183,21 +183,22 @@ def main():
     teacher = MLP(**TEACHER).to(device)
     floor_t = floor_model(**TEACHER).to(device)
     log("floor_teacher", timed(lambda: floor_epoch(floor_t, x, y, tb, jitter=JITTER, max_norm=MAX_NORM), r, device))
-    log("kd_teacher", kd_epoch_seconds(teacher, x, (y,), F.cross_entropy, tb, r, jitter=JITTER, max_norm=MAX_NORM))
+    log("kd_teacher", kd_epoch_seconds(teacher, x, y, hard_label_loss, tb, r, jitter=JITTER, max_norm=MAX_NORM))
 
     floor_s = floor_model(STUDENT["hidden"]).to(device)
     log("floor_student", timed(lambda: floor_epoch(floor_s, x, y, sb), r, device))
-    log("kd_student", kd_epoch_seconds(MLP(**STUDENT).to(device), x, (y,), F.cross_entropy, sb, r))
+    log("kd_student", kd_epoch_seconds(MLP(**STUDENT).to(device), x, y, hard_label_loss, sb, r))
 
     log_p = soft_targets(teacher_logits(teacher, x), T_PAPER)
     floor_d = floor_model(STUDENT["hidden"]).to(device)
     log("floor_distill", timed(lambda: floor_epoch(floor_d, x, y, sb, log_p=log_p), r, device))
     distill_loss = lambda z, yb, lp: distillation_loss(z, yb, lp, T_PAPER, ALPHA)  # noqa: E731
-    log("kd_distill", kd_epoch_seconds(MLP(**STUDENT).to(device), x, (y, log_p), distill_loss, sb, r))
+    log("kd_distill", kd_epoch_seconds(MLP(**STUDENT).to(device), x, y, distill_loss, sb, r,
+                                       targets=SoftTargets([teacher], T_PAPER, cache_on=x)))
     default_loss = lambda z, yb, lp: distillation_loss(z, yb, lp, T_DEFAULT, ALPHA)  # noqa: E731
     log("kd_distill_augmented", kd_epoch_seconds(
-        MLP(**STUDENT).to(device), x, (y,), default_loss, sb, r, jitter=JITTER,
-        batch_targets=lambda xb: (soft_targets(teacher_logits(teacher, xb), T_DEFAULT),)))
+        MLP(**STUDENT).to(device), x, y, default_loss, sb, r, jitter=JITTER,
+        targets=SoftTargets([teacher], T_DEFAULT)))
 
     if device.type == "cpu":
         for workers in (0, 2):

@@ -15,7 +15,6 @@ run (e.g. "epochs=1 data.train_limit=12000" for a smoke run).
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import time
 from pathlib import Path

@@ -3,7 +3,6 @@ what the teacher does when it makes targets, what reaches the loss, what the mod
 is evaluated on. Every module forward is watched through torch's global forward hook, so these
 tests hold whatever kd's own functions are called."""
 import json
-import math
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
-from kd_cli.models import MLP
 
 SMALL = ["model.hidden=[16]", "batch_size=50"]
 
