@@ -18,7 +18,7 @@ STAGES = {
     "evaluate": ("evaluate", "count a checkpoint's test errors: total, per class, confusion matrix"),
     "train-specialists": ("train_specialists", "specialists for the classes a generalist confuses (paper, section 5)"),
 }
-REPORT_HELP = "sweep or run folders -> report.md, report.csv and a plot of test errors vs T"
+REPORT_HELP = "sweep or run folders -> report.md, report.csv, a plot of test errors vs T, learning curves"
 
 USAGE = """usage: kd <stage> [key=value ...] [-m] [--help] [--cfg job]
 

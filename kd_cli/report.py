@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import KDError
+from .plots import learning_curves, plot
 from .run import ERROR, METRICS, RECORD, STATE
 
 SEED = "seed"
@@ -118,13 +119,6 @@ def swept_keys(rows):
     return swept, fixed
 
 
-def _number(text):
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
 def seed_groups(rows, swept):
     """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max."""
     others = [k for k in swept if k != SEED]
@@ -171,52 +165,10 @@ def write_csv(path, rows, swept):
                         r["test_error_rate"], r["wall_seconds"], r["error"]])
 
 
-def x_axis(swept, rows):
-    """What to plot along x: T when it is swept, else the first swept key with numeric values."""
-    numeric = [k for k in swept if k != SEED and all(_number(r["overrides"].get(k)) is not None for r in rows)]
-    return "T" if "T" in numeric else (numeric[0] if numeric else None)
-
-
-def plot(path, rows, swept):
-    """Test errors against the x key, one line per combination of the other swept values; with a
-    seed sweep, the mean over seeds with min-max bars. Returns False when there is nothing to plot."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    x = x_axis(swept, rows)
-    groups = seed_groups(rows, swept)
-    if not groups or (x is None and SEED not in swept):
-        return False
-    lines = [k for k in swept if k not in (x, SEED)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    label_of = lambda g: ", ".join(f"{k}={g['values'][k]}" for k in lines) or "test errors"  # noqa: E731
-    for label, members in groupby(sorted(groups, key=label_of), key=label_of):
-        members = sorted(members, key=lambda g: _number(g["values"].get(x)) if x else 0)
-        xs = [_number(g["values"][x]) for g in members] if x else list(range(len(members)))
-        ys = [g["mean"] for g in members]
-        err = [[g["mean"] - g["min"] for g in members], [g["max"] - g["mean"] for g in members]]
-        ax.errorbar(xs, ys, yerr=err if SEED in swept else None, marker="o", capsize=3, label=label)
-    ax.set_xlabel(x or "group")
-    ax.set_ylabel("test errors" + (" (mean over seeds, min-max)" if SEED in swept else ""))
-    if x == "T":
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({_number(r["overrides"]["T"]) for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    means = [g["mean"] for g in groups if g["mean"] > 0]
-    if means and max(means) > 5 * min(means):  # a collapsed run would flatten every other curve
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def report(paths, out=None):
-    """Write report.md, report.csv (and report.png when there is a curve) into `out` (default:
-    the first path) and return the Markdown table."""
+    """Write report.md, report.csv, report.png (test errors against the swept value, when there is
+    one) and curves.png (each run's loss and errors per epoch) into `out` (default: the first
+    path) and return the Markdown table."""
     rows = [read_job(j, launched) for j, launched in find_jobs(paths)]
     swept, fixed = swept_keys(rows)
     out = Path(out or paths[0])
@@ -230,6 +182,8 @@ def report(paths, out=None):
     text = markdown(rows, swept, fixed, groups)
     if plot(out / "report.png", rows, swept):
         text += "\n\n![test errors](report.png)"
+    if learning_curves(out / "curves.png", rows, swept):
+        text += "\n\n![learning curves](curves.png)"
     (out / "report.md").write_text(text + "\n")
     write_csv(out / "report.csv", rows, swept)
     return text

@@ -70,6 +70,7 @@ def test_report_of_a_seed_sweep_gives_mean_and_spread_and_names_unfinished_jobs(
     done = [int(r["test_errors"]) for r in rows if r["status"] == "done" and r["T"] == "5"]
     assert f"| 5 | 3 | {sum(done) / 3:.1f} |" in proc.stdout  # T=5: three seeds, their mean
     assert (sweep / "report.png").is_file()
+    assert (sweep / "curves.png").stat().st_size > 1000 and "![learning curves](curves.png)" in proc.stdout
 
 
 def test_report_needs_runs(kd):
