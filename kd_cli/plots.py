@@ -68,7 +68,7 @@ def learning_curves(path, rows, swept):
     runs = [r for r in rows if r["status"] == "done" and len(r["history"]) > 1]
     if not runs:
         return False
-    _, plt = _pyplot()
+    matplotlib, plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.2))
     for r in runs:
         label = ", ".join(f"{k}={r['overrides'].get(k)}" for k in swept) or r["job"].rsplit("/", 1)[-1]
@@ -81,6 +81,9 @@ def learning_curves(path, rows, swept):
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
     ax_err.set(xlabel="epoch", ylabel="test errors (solid), validation errors (dashed)", yscale="log")
     for ax in (ax_loss, ax_err):
+        # plain tick labels: the default 10^k ones go through mathtext, a second per report
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(minor_thresholds=(2, 0.5)))
         ax.grid(alpha=0.3, which="both")
     if len(runs) <= 12:
         ax_loss.legend(fontsize=7)

@@ -42,8 +42,9 @@ def untouched(tmp_path_factory, tiny_root):
     return cwd / "run"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-@pytest.mark.parametrize("epoch, batch", [(2, 7), (3, 0), (1, 11)])
+# mid-epoch, at an epoch's first batch (its shuffle already drawn), at an epoch's last batch
+@pytest.mark.parametrize("sig, epoch, batch", [(signal.SIGINT, 2, 7), (signal.SIGTERM, 3, 0), (signal.SIGINT, 1, 11),
+                                               (signal.SIGTERM, 2, 7)])
 def test_a_stop_at_any_batch_saves_there_and_resumes_to_the_untouched_run(kd, untouched, sig, epoch, batch):
     run_dir = kd.cwd / "stopped"
     proc = kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(sig, epoch, batch), check=False)
