@@ -94,8 +94,6 @@ def check_overrides(stage, config_name, overrides):
     sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
     folder ends in one line, with no folder made or changed."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
     multirun = any(o in ("-m", "--multirun") for o in overrides)
@@ -116,8 +114,7 @@ def check_overrides(stage, config_name, overrides):
             if multirun:
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
-                    jobs = BasicSweeper.split_arguments(
-                        OverridesParser.create().parse_overrides([o for o in args if not _is_hydra_key(o)]), None)[0]
+                    jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
                     run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
                                                  lambda job: OmegaConf.to_container(compose(config_name, overrides=job)))
             else:

@@ -16,24 +16,18 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import KDError
-from .plots import learning_curves, plot
-from .run import ERROR, METRICS, RECORD, STATE
-
-SEED = "seed"
+from .plots import SEED, learning_curves, plot
+from .run import ERROR, METRICS, RECORD, STATE, sweep_jobs
 
 
 def launched_jobs(sweep):
     """[(job number, its overrides)] of a sweep launched by Hydra's basic sweeper, in Hydra's own
     order (its job numbers); [] when the sweep left no readable multirun.yaml."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         hydra = OmegaConf.load(Path(sweep) / "multirun.yaml").hydra
         if not hydra.sweeper._target_.endswith("BasicSweeper"):
             return []
-        parsed = OverridesParser.create().parse_overrides(list(hydra.overrides.task))
-        return list(enumerate(BasicSweeper.split_arguments(parsed, None)[0]))
+        return list(enumerate(sweep_jobs(hydra.overrides.task)))
     except Exception:  # no record, or a damaged one: the folders alone tell what ran
         return []
 

@@ -96,13 +96,23 @@ def finish(out_dir, started, stage, model_payload, metrics):
 
 
 def recorded_config(job_dir):
-    """(overrides, config) a job folder recorded when it started, or None when it has none."""
+    """(overrides, config) a job folder recorded when it started; KDError when unreadable."""
     try:
         overrides = OmegaConf.to_container(OmegaConf.load(Path(job_dir) / RECORD / "overrides.yaml"))
         config = OmegaConf.to_container(OmegaConf.load(Path(job_dir) / RECORD / "config.yaml"))
-    except (OSError, ValueError, TypeError) as e:
-        raise KDError(f"{job_dir} has an unreadable {RECORD}/ record ({e}); move that folder away") from None
+    except Exception as e:  # OSError, or a YAML/OmegaConf error: they have no common base
+        raise KDError(f"{job_dir} has an unreadable {RECORD}/ record ({type(e).__name__}); move that folder "
+                      "away") from None
     return overrides, config
+
+
+def sweep_jobs(task_overrides):
+    """The overrides of each job a basic-sweeper sweep of these task overrides launches, in
+    Hydra's own order (job i runs the i-th), from Hydra's own splitting."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(list(task_overrides)), None)[0]
 
 
 def check_writable(folder):
