@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from . import config, run
 from .errors import KDError
 
@@ -48,7 +50,11 @@ def _first_values(overrides):
     parsed = OverridesParser.create().parse_overrides(overrides)
     single, sweeps = [], {}
     for o in parsed:
-        if o.is_sweep_override():
+        if o.is_interval_sweep():  # a search's range: check its two ends
+            ends = [o.value().start, o.value().end]
+            sweeps[o.key_or_group] = ends
+            single.append(f"{o.get_key_element()}={ends[0]}")
+        elif o.is_sweep_override():
             values = list(o.sweep_iterator())
             sweeps[o.key_or_group] = values
             single.append(f"{o.get_key_element()}={list(o.sweep_string_iterator())[0]}")
@@ -64,6 +70,13 @@ def _composition_message(stage, e):
         if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
             return f"unknown key '{key}' for kd {stage}; `kd {stage} --cfg job` lists the keys"
+        if "not in 'SamplerConfig'" in msg or "GridSampler" in msg:
+            return f"hparams_search samplers: tpe (the default), random, cmaes; for a grid, kd {stage} -m key=a,b,c"
+        if "hydra/sweeper/optuna" in msg or "hydra/sweeper/sampler" in msg:
+            return "hparams_search needs Optuna: pip install 'kd-cli[optuna]'"
+        if "hparams_search" in msg and "Could not find" in msg:
+            names = ", ".join(n for n, _ in STAGES.values() if n in SEARCHABLE)
+            return f"no search space for kd {stage} there; hparams_search= one of: {names} (conf/hparams_search/)"
     if "override_grammar" in text:  # a parse error: most often a path or list needing quotes
         text += " (quote a value that holds = , [ or spaces: checkpoint=['a/0_seed=0/checkpoint.pt','b.pt'])"
     return text.split(" full_key:")[0]
@@ -85,6 +98,33 @@ def quote_paths(overrides):
     return out
 
 
+SEARCHABLE = ("train_teacher", "train_student", "distill")  # stages with conf/hparams_search/<name>.yaml
+
+
+def check_search(stage, cfg, multirun, check_value):
+    """A search (hparams_search=...) needs -m and a validation split to minimise, and every end
+    of every range it searches must be a value kd accepts."""
+    if not multirun:
+        raise KDError(f"hparams_search runs a search of many runs: add -m (kd {stage} -m hparams_search=...)")
+    if not cfg.data.val_size:
+        raise KDError("a search minimises validation errors: set data.val_size (e.g. 10000); "
+                      "the test set is never its objective")
+    if str(OmegaConf.select(cfg, "hydra.sweeper.sampler._target_", default="")).endswith("GridSampler"):
+        raise KDError(f"for a grid, use kd's own sweep: kd {stage} -m key=a,b,c (no hparams_search)")
+    space = OmegaConf.to_container(cfg.hydra.sweeper.params or {})
+    for key in space:
+        if OmegaConf.select(cfg, key, default=None) is None and key not in cfg.hydra.runtime.choices:
+            raise KDError(f"the search space has {key}, which kd {stage} does not; "
+                          f"use hparams_search={STAGES[stage][0]} or drop hydra.sweeper.params.{key}")
+    _, ends = _first_values([f"{k}={v}" for k, v in space.items()])
+    for key, values in ends.items():
+        check_value(key, values)
+
+
+def _is_search(cfg):
+    return str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("KdSearch")
+
+
 def _is_hydra_key(override):
     return override.lstrip("+~").startswith("hydra")
 
@@ -94,7 +134,7 @@ def check_overrides(stage, config_name, overrides):
     sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
     folder ends in one line, with no folder made or changed."""
     from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     args = [o for o in overrides if o not in ("-m", "--multirun")]
@@ -103,14 +143,20 @@ def check_overrides(stage, config_name, overrides):
             single, sweeps = _first_values(args)
             cfg = compose(config_name, overrides=single, return_hydra_config=True)
             config.check(stage, cfg)
-            for key, values in sweeps.items():
+
+            def check_values(key, values):
                 if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
-                    continue  # a config group (model=a,b) or Hydra's own key: composition checked it
+                    return  # a config group (model=a,b) or Hydra's own key: composition checked it
                 for v in values:
                     trial = cfg.copy()
                     with open_dict(trial):
                         OmegaConf.update(trial, key, v, merge=False)
                     config.check(stage, trial)
+
+            for key, values in sweeps.items():
+                check_values(key, values)
+            if _is_search(cfg):
+                check_search(stage, cfg, multirun, check_values)
             if multirun:
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
@@ -130,8 +176,6 @@ def check_overrides(stage, config_name, overrides):
 def _share_cores(hc):
     """Jobs that run side by side (the joblib launcher's n_jobs) split the cores between them
     instead of each starting one torch thread per core and fighting over them."""
-    from omegaconf import OmegaConf
-
     n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None) if hc.get("launcher") else None
     if isinstance(n_jobs, int) and n_jobs != 1:
         import torch
@@ -223,8 +267,10 @@ def main(argv=None):
 
     import hydra
 
+    from .report import is_search
     from .sweep_end import finished
 
+    _register_search()
     finished.clear()  # kd called again in one process (the tests do) reports only its own sweep
     argv_before, sys.argv = sys.argv, [f"kd {stage}", *overrides]
     try:
@@ -238,11 +284,27 @@ def main(argv=None):
     for sweep in finished:
         failed = sorted(sweep.glob(f"*/{run.ERROR}"))
         _report_quietly(sweep)
-        if failed:
+        if failed and is_search(sweep):  # failures are part of a search: recorded in the study, reported
+            print(f"kd: {len(failed)} trial(s) failed and are recorded as failed: {sweep / 'report.md'}",
+                  file=sys.stderr)
+        elif failed:
             _fail(f"{len(failed)} job(s) of the sweep failed:\n  " + "\n  ".join(
                 f"{f.parent.name}: {f.read_text().strip()}" for f in failed))
             return 1
     return 0
+
+
+def _register_search():
+    """Hydra finds sweepers by walking the hydra_plugins namespace, which setuptools' editable
+    install (pip install -e) hides from it: hand kd's search sweeper to Hydra's registry directly."""
+    try:
+        from hydra_plugins.kd_search import KdSearch  # None without the optuna extra
+    except ImportError:
+        return
+    if KdSearch is not None:
+        from hydra.core.plugins import Plugins
+
+        Plugins.instance()._register(KdSearch)
 
 
 def _report_quietly(sweep):

@@ -147,6 +147,9 @@ def check(stage, cfg):
     stage cannot run with. Runs on the composed config before Hydra makes any folder."""
     if stage == "evaluate" and OmegaConf.is_missing(cfg, "checkpoint"):
         raise KDError("kd evaluate needs checkpoint=<path to a checkpoint.pt>")
+    if stage == "distill" and OmegaConf.is_missing(cfg, "T"):
+        raise KDError(f"T has no value: recipe={cfg.hydra.runtime.choices.recipe if 'hydra' in cfg else '?'} sets none; "
+                      "use recipe=distill (T=5), recipe=paper (the paper's T=20), or give T=...")
     for key, (need, ok) in SCHEMA.items():
         node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
         if node is _ABSENT:

@@ -20,7 +20,8 @@ def _pyplot():
 
 def x_axis(swept, rows):
     """What to plot along x: T when it is swept, else the first swept key with numeric values."""
-    numeric = [k for k in swept if k != SEED and all(_number(r["overrides"].get(k)) is not None for r in rows)]
+    numeric = [k for k in swept if k != SEED and all(_number(r["values"].get(k)) is not None
+                                                     for r in rows if r["status"] == "done")]
     return "T" if "T" in numeric else (numeric[0] if numeric else None)
 
 
@@ -47,7 +48,7 @@ def plot(path, rows, swept):
     ax.set_ylabel("test errors" + (" (mean over seeds, min-max)" if SEED in swept else ""))
     if x == "T":
         ax.set_xscale("log")
-        ax.set_xticks(sorted({_number(r["overrides"]["T"]) for r in rows}))
+        ax.set_xticks(sorted({_number(r["values"]["T"]) for r in rows if _number(r["values"].get("T"))}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     means = [g["mean"] for g in groups if g["mean"] > 0]
     if means and max(means) > 5 * min(means):  # a collapsed run would flatten every other curve
@@ -60,6 +61,32 @@ def plot(path, rows, swept):
     return True
 
 
+def validation_plot(path, rows, swept, best=None):
+    """A search's picture: validation errors against each searched parameter, one panel each,
+    the best trial starred. Returns False when no finished trial has validation errors."""
+    runs = [r for r in rows if r["status"] == "done" and r.get("val_errors") is not None]
+    keys = [k for k in swept if k != SEED and all(_number(r["values"].get(k)) is not None for r in runs)][:6]
+    if not runs or not keys:
+        return False
+    matplotlib, plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.4), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        xs = [_number(r["values"][k]) for r in runs]
+        ax.scatter(xs, [r["val_errors"] for r in runs], s=18)
+        if best is not None:
+            ax.scatter([_number(best["values"][k])], [best["val_errors"]], marker="*", s=160, color="C3",
+                       label="best by validation")
+        if min(xs) > 0 and max(xs) >= 10 * min(xs):  # a range searched on a log scale
+            ax.set_xscale("log")
+        ax.set_xlabel(k)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("validation errors")
+    if best is not None:
+        axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def learning_curves(path, rows, swept):
@@ -71,7 +98,7 @@ def learning_curves(path, rows, swept):
     matplotlib, plt = _pyplot()
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4.2))
     for r in runs:
-        label = ", ".join(f"{k}={r['overrides'].get(k)}" for k in swept) or r["job"].rsplit("/", 1)[-1]
+        label = ", ".join(f"{k}={r['values'].get(k)}" for k in swept) or r["job"].rsplit("/", 1)[-1]
         trained = [h for h in r["history"] if "loss" in h]
         line, = ax_loss.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], label=label)
         ax_err.plot([h["epoch"] for h in r["history"]], [h["test_errors"] for h in r["history"]], color=line.get_color())

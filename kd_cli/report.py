@@ -1,4 +1,5 @@
-"""Sweep (or run) folders -> one table (report.md, report.csv) and plots (test errors vs T).
+"""Sweep, search (or run) folders -> one table (report.md, report.csv) and plots: test errors vs T
+for a grid, validation errors vs each searched parameter for a search, learning curves for both.
 
 Every job a sweep was launched with is a row (its multirun.yaml says which), and so is every
 other folder with a .hydra/ below the given paths. A job is `done` (metrics.json), `failed`
@@ -16,7 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .errors import KDError
-from .plots import SEED, learning_curves, plot
+from .plots import SEED, _number, learning_curves, plot, validation_plot
 from .run import ERROR, METRICS, RECORD, STATE, sweep_jobs
 
 
@@ -30,6 +31,14 @@ def launched_jobs(sweep):
         return list(enumerate(sweep_jobs(hydra.overrides.task)))
     except Exception:  # no record, or a damaged one: the folders alone tell what ran
         return []
+
+
+def is_search(sweep):
+    """Whether a folder holds a search (hparams_search=...: kd's Optuna sweeper) rather than a grid."""
+    try:
+        return OmegaConf.load(Path(sweep) / "multirun.yaml").hydra.sweeper._target_.endswith("KdSearch")
+    except Exception:  # no record, or a damaged one: not a search kd can tell
+        return False
 
 
 def find_jobs(paths):
@@ -75,9 +84,33 @@ def _overrides_of(job):
     return overrides
 
 
+def _flat(tree, prefix=""):
+    """A composed config as {dotted key: value as text}, lists and all: what a job ran with."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v).replace(" ", "")
+    return out
+
+
+def _config_of(job):
+    """The job's composed config (.hydra/config.yaml), flattened; {} when it has none readable."""
+    try:
+        tree = OmegaConf.to_container(OmegaConf.load(Path(job) / RECORD / "config.yaml"))
+        return _flat(tree) if isinstance(tree, dict) else {}
+    except Exception:  # a missing or damaged record: the overrides alone describe the job
+        return {}
+
+
 def _row(job, overrides, status, error="", metrics=None):
     m = metrics or {}
-    return {"job": str(job), "overrides": dict(o.split("=", 1) for o in overrides or [] if "=" in o),
+    typed = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
+    return {"job": str(job), "overrides": typed,
+            # what the job ran with: its config (so T=20 from a recipe counts like a typed T=20),
+            # the typed overrides on top (config groups such as recipe=paper live only there)
+            "values": {**_config_of(job), **typed},
             "status": status, "test_errors": m.get("test_errors"), "test_error_rate": m.get("test_error_rate"),
             "val_errors": m.get("val_errors"), "wall_seconds": m.get("wall_seconds"), "error": error,
             "history": m.get("history") or []}
@@ -106,17 +139,20 @@ def read_job(job, launched_with=None):
 
 
 def swept_keys(rows):
-    """Override keys whose values differ between jobs (the sweep's axes); the rest are fixed."""
-    keys = sorted({k for r in rows for k in r["overrides"] if not k.startswith("hydra")})
-    swept = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
-    fixed = {k: rows[0]["overrides"].get(k) for k in keys if k not in swept}
+    """Keys whose values differ between jobs (the axes: typed or from a config group); and the
+    typed overrides that every job shares."""
+    keys = sorted({k for r in rows for k in r["values"] if not k.startswith("hydra")})
+    same = lambda v: v if _number(v) is None else _number(v)  # noqa: E731  (T=20 is T=20.0)
+    swept = [k for k in keys if len({same(r["values"][k]) for r in rows if k in r["values"]}) > 1]
+    typed = sorted({k for r in rows for k in r["overrides"] if not k.startswith("hydra")})
+    fixed = {k: rows[0]["overrides"].get(k) for k in typed if k not in swept}
     return swept, fixed
 
 
 def seed_groups(rows, swept):
     """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max."""
     others = [k for k in swept if k != SEED]
-    key = lambda r: tuple(r["overrides"].get(k) for k in others)  # noqa: E731
+    key = lambda r: tuple(r["values"].get(k) for k in others)  # noqa: E731
     done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: tuple(map(str, key(r))))
     groups = []
     for values, members in groupby(done, key=key):
@@ -126,11 +162,20 @@ def seed_groups(rows, swept):
     return groups
 
 
+def best_by_validation(rows):
+    """The finished job with the fewest validation errors (the first of equals), or None."""
+    scored = [r for r in rows if r["status"] == "done" and r["val_errors"] is not None]
+    return min(scored, key=lambda r: r["val_errors"]) if scored else None
+
+
 def markdown(rows, swept, fixed, groups=None):
-    head = ["job", *swept, "status", "test errors", "error rate", "wall s", "note"]
+    validated = any(r["val_errors"] is not None for r in rows)
+    head = ["job", *swept, "status", *(["val errors"] if validated else []), "test errors", "error rate", "wall s",
+            "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [Path(r["job"]).name, *(r["overrides"].get(k, "") for k in swept), r["status"],
+        cells = [Path(r["job"]).name, *(r["values"].get(k, "") for k in swept), r["status"],
+                 *([] if not validated else ["" if r["val_errors"] is None else str(r["val_errors"])]),
                  "" if r["test_errors"] is None else str(r["test_errors"]),
                  "" if r["test_error_rate"] is None else f"{100 * r['test_error_rate']:.2f}%",
                  "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}", r["error"].replace("|", "/")]
@@ -144,6 +189,12 @@ def markdown(rows, swept, fixed, groups=None):
         for g in groups:
             lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
                                             f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
+    best = best_by_validation(rows)
+    if best is not None:
+        chosen = ", ".join(f"`{k}={best['values'].get(k)}`" for k in swept if k != SEED) or "its settings"
+        lines += ["", f"Best by validation: {Path(best['job']).name.split('_', 1)[0]} ({chosen}), "
+                  f"{best['val_errors']} validation errors; its **{best['test_errors']} test errors** are the "
+                  "number to quote (the test set chose nothing)."]
     counts = {s: sum(r["status"] == s for r in rows)
               for s in ("done", "failed", "stopped", "unfinished", "not started", "unreadable")}
     lines += ["", f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
@@ -153,9 +204,9 @@ def markdown(rows, swept, fixed, groups=None):
 def write_csv(path, rows, swept):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", *swept, "status", "test_errors", "test_error_rate", "wall_seconds", "error"])
+        w.writerow(["job", *swept, "status", "val_errors", "test_errors", "test_error_rate", "wall_seconds", "error"])
         for r in rows:
-            w.writerow([r["job"], *(r["overrides"].get(k, "") for k in swept), r["status"], r["test_errors"],
+            w.writerow([r["job"], *(r["values"].get(k, "") for k in swept), r["status"], r["val_errors"], r["test_errors"],
                         r["test_error_rate"], r["wall_seconds"], r["error"]])
 
 
@@ -174,7 +225,10 @@ def report(paths, out=None):
         raise KDError(f"cannot make the report folder {out}: {e.strerror or e}") from None
     groups = seed_groups(rows, swept) if SEED in swept else None
     text = markdown(rows, swept, fixed, groups)
-    if plot(out / "report.png", rows, swept):
+    if any(is_search(p) for p in paths):
+        if validation_plot(out / "search.png", rows, swept, best_by_validation(rows)):
+            text += "\n\n![validation errors against each searched parameter](search.png)"
+    elif plot(out / "report.png", rows, swept):
         text += "\n\n![test errors](report.png)"
     if learning_curves(out / "curves.png", rows, swept):
         text += "\n\n![learning curves](curves.png)"

@@ -33,7 +33,7 @@ from kd_cli.train import Recipe, train
 TEACHER = dict(hidden=[1200, 1200], dropout_input=0.2, dropout_hidden=0.5)
 STUDENT = dict(hidden=[800, 800])
 MAX_NORM, JITTER, ALPHA = 3.873, 2, 0.1
-T_PAPER, T_DEFAULT = 20.0, 5.0  # recipe=student's unaugmented distillation; kd distill's default (jittered)
+T_PAPER, T_DEFAULT = 20.0, 5.0  # recipe=paper's unaugmented distillation; kd distill's default (jittered)
 
 
 def sync(device):

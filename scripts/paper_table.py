@@ -5,7 +5,7 @@
     python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt
 
 Runs the installed `kd` (one teacher, then for each student seed: hard labels, distilled with the
-default recipe, and distilled in the paper's setup, `recipe=student`: T=20 on the unjittered
+default recipe, and distilled in the paper's setup, `recipe=paper`: T=20 on the unjittered
 transfer set), each in outputs/paper-table/<stamp>/<row>-seed<k>, and prints a Markdown table: the
 paper's number, ours (mean over seeds, and each seed), the time of each run. The table is also
 written to table.md and table.json in that folder.
@@ -68,7 +68,7 @@ def main():
                                      [f"seed={seed}", f"teacher={teacher_ckpt}", *shlex.split(args.distill_extra),
                                       *extra]))
         rows["distilled_paper_setup"].append(run("distill", out / f"distilled-paper-setup-seed{seed}",
-                                                 [f"seed={seed}", "recipe=student", f"teacher={teacher_ckpt}",
+                                                 [f"seed={seed}", "recipe=paper", f"teacher={teacher_ckpt}",
                                                   *extra]))
 
     mean = {k: statistics.mean(m["test_errors"] for m in v) for k, v in rows.items()}
@@ -78,7 +78,7 @@ def main():
     names = {"teacher": "teacher 784-1200-1200-10, dropout, max-norm, jitter",
              "student": "student 784-800-800-10, hard labels",
              "distilled": "student 784-800-800-10, distilled, default recipe: " + recipe(rows["distilled"][0]),
-             "distilled_paper_setup": "student 784-800-800-10, distilled, paper's setup (`recipe=student`): "
+             "distilled_paper_setup": "student 784-800-800-10, distilled, paper's setup (`recipe=paper`): "
                                       + recipe(rows["distilled_paper_setup"][0])}
     lines = ["| model | paper | ours (mean) | ours per seed | train s per run | wall s per run |",
              "| --- | --- | --- | --- | --- | --- |"]

@@ -90,8 +90,8 @@ def little_data(out, extra, teacher):
 def width_vs_T(out, extra, teacher):
     sweep = out / "sweep"
     ts, widths = ",".join(f"{t:g}" for t in WIDTH_TS), ",".join(f"[{w},{w}]" for w in WIDTHS)
-    # recipe=student: the paper's 20-epoch unjittered setup, at each T (the README's measured table)
-    cmd = ["kd", "distill", "-m", f"T={ts}", f"model.hidden={widths}", "recipe=student", *teacher, *extra,
+    # recipe=paper: the paper's 20-epoch unjittered setup, at each T (the README's measured table)
+    cmd = ["kd", "distill", "-m", f"T={ts}", f"model.hidden={widths}", "recipe=paper", *teacher, *extra,
            f"hydra.sweep.dir={sweep}"]
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)

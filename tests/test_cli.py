@@ -132,7 +132,7 @@ def test_help_and_unknown_stage(kd):
     assert all(stage in out for stage in ("train-teacher", "train-student", "distill", "evaluate"))
     assert kd().stdout == out
     help_ = kd("distill", "--help").stdout
-    assert "kd distill" in help_ and "alpha: 0.1" in help_ and "T: 5.0" in help_ and "recipe=student" in help_
+    assert "kd distill" in help_ and "alpha: 0.1" in help_ and "T: 5.0" in help_ and "recipe=paper" in help_
     job = kd("distill", "--cfg", "job", "T=3").stdout
     assert "T: 3" in job and "hidden:" in job
     proc = kd("distil", check=False)

@@ -4,6 +4,7 @@ from hydra import compose, initialize_config_module
 
 from kd_cli.cli import STAGES
 from kd_cli.config import check as validate
+from kd_cli.errors import KDError
 
 
 def composed(stage, *overrides):
@@ -27,7 +28,7 @@ def test_teacher_and_student_defaults_match_the_paper():
     assert t.data.jitter == 2
     s = composed("train-student")
     assert list(s.model.hidden) == [800, 800] and s.model.max_norm is None and s.data.jitter == 0
-    d = composed("distill", "recipe=student")  # the paper's setup
+    d = composed("distill", "recipe=paper")  # the paper's setup
     assert d.T == 20 and d.alpha == 0.1 and d.teacher is None and d.data.jitter == 0 and d.epochs == s.epochs
 
 
@@ -58,3 +59,12 @@ def test_data_root_follows_kd_data_root(monkeypatch):
     assert composed("distill").data.root == "/some/where"
     monkeypatch.delenv("KD_DATA_ROOT")
     assert composed("distill").data.root == "data"
+
+
+def test_T_has_one_default_per_distill_recipe():
+    """Each distill recipe sets its own T and nothing else shadows it: a recipe without one (the
+    hard-label student's) is refused instead of running at a T from some other file."""
+    assert composed("distill").T == 5 and composed("distill", "recipe=paper").T == 20
+    assert composed("distill", "recipe=paper", "T=3").T == 3
+    with pytest.raises(KDError, match="T has no value: recipe=student"):
+        validate("distill", composed("distill", "recipe=student"))

@@ -54,7 +54,7 @@ def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypat
     md = (out / "table.md").read_text()
     assert md.strip() in printed.getvalue()  # printed, and written
     assert "default recipe: T=5 alpha=0.1, jittered +-2 px transfer set" in md
-    assert "paper's setup (`recipe=student`): T=20 alpha=0.1, unjittered transfer set" in md
+    assert "paper's setup (`recipe=paper`): T=20 alpha=0.1, unjittered transfer set" in md
     assert len([line for line in md.splitlines() if line.startswith("| ") and "784" in line]) == 4
 
 

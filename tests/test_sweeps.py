@@ -85,3 +85,14 @@ def test_submitit_local_launcher_runs_the_same_jobs(kd):
     kd(*args, f"hydra.sweep.dir={basic}")
     kd.process(*args, "hydra/launcher=submitit_local", f"hydra.sweep.dir={local}")
     assert len(results(local)) == 2 and results(local) == results(basic)
+
+
+def test_report_axes_come_from_what_each_job_ran_not_only_what_was_typed(kd, teacher):
+    """recipe=distill,paper sweeps T (5 and 20) without T being typed: it is still an axis."""
+    sweep = kd.cwd / "recipes"
+    kd("distill", "-m", "recipe=distill,paper", f"teacher={teacher}", *SMALL, f"hydra.sweep.dir={sweep}")
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert sorted((r["recipe"], float(r["T"]), r["data.jitter"]) for r in rows) == [("distill", 5, "2"),
+                                                                                     ("paper", 20, "0")]
+    assert "epochs" not in rows[0]  # typed once for both jobs: not an axis
+    assert (sweep / "report.png").is_file()  # drawn against T
