@@ -121,6 +121,7 @@ SCHEMA = {
     "optim.lr_decay": number(0, low_open=True),
     "optim.lr_times_one_minus_momentum": flag(),
     "optim.clip_grad_norm": null_or(number(0, low_open=True)),
+    "optim.average_last_epochs": integer(0),
     # distill
     "T": number(*T_RANGE),
     "alpha": fraction(open_high=False),

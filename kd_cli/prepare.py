@@ -71,7 +71,7 @@ def recipe_of(cfg):
                   warmup_epochs=float(o.warmup_epochs), lr_decay=float(o.lr_decay),
                   lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum),
                   clip_grad_norm=None if o.get("clip_grad_norm") is None else float(o.clip_grad_norm),
-                  precision=cfg.precision)
+                  precision=cfg.precision, average_last_epochs=int(o.get("average_last_epochs") or 0))
 
 
 def model_of(cfg, device, in_features, out_features=10):

@@ -112,7 +112,8 @@ def _row(job, overrides, status, error="", metrics=None):
             # the typed overrides on top (config groups such as recipe=paper live only there)
             "values": {**_config_of(job), **typed},
             "status": status, "test_errors": m.get("test_errors"), "test_error_rate": m.get("test_error_rate"),
-            "val_errors": m.get("val_errors"), "wall_seconds": m.get("wall_seconds"), "error": error,
+            "val_errors": m.get("val_errors"), "wall_seconds": m.get("wall_seconds"),
+            "train_seconds": m.get("train_seconds"), "test_total": m.get("test_total"), "error": error,
             "history": m.get("history") or []}
 
 

@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SCHEDULES
 from .data import jitter
 from .errors import KDError
+from .averaging import WeightAverage
 from .models import apply_max_norm_
 
 
@@ -35,6 +36,7 @@ class Recipe:
     lr_times_one_minus_momentum: bool = False
     clip_grad_norm: float | None = None  # rescale a step whose gradient norm exceeds this
     precision: str = "fp32"     # bf16: the forward under bfloat16 autocast; all else float32
+    average_last_epochs: int = 0  # end with the mean of the weights of the last N epochs' ends (0: off)
 
     def at(self, t):
         """(lr, momentum) at fractional epoch t."""
@@ -159,12 +161,14 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay,
                           foreach=True)
     at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    average = WeightAverage(model, recipe.average_last_epochs, recipe.epochs)
     resumed = state_path is not None and Path(state_path).exists()
     if resumed:
         state = load_checkpoint(state_path, map_location=device)
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         at = {k: state[k] for k in at}
+        average.load(state.get("average"))
 
     def save(epoch, step, loss_sum, rng_epoch, mid_epoch):
         # mid_epoch: this epoch's shuffle and jitter are already drawn (even at step 0, when a stop
@@ -176,7 +180,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                 **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
                 "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
-                "mid_epoch": mid_epoch, "rng": rng_state(device)}, durable=False)
+                "mid_epoch": mid_epoch, "rng": rng_state(device), "average": average.state()}, durable=False)
 
     if evaluate is not None and not resumed:  # where it started: the untrained model's errors
         at["history"].append({"epoch": 0, **evaluate(model)})
@@ -234,9 +238,14 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                 raise Diverged(f"training diverged at epoch {epoch + 1}: the loss is {mean_loss}; lower lr "
                                f"(peak {recipe.lr:g}, {lr_now:.3g} when the epoch began) or set optim.clip_grad_norm=5")
             row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
+            averaged = average.after_epoch(model, epoch)
             if evaluate is not None:
                 row.update(evaluate(model))
+                if averaged:  # the averaged weights' errors beside the live ones'
+                    row.update(average.evaluated(model, evaluate))
             at["history"].append(row)
             save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
+    if average.count:  # the run's result is the averaged model
+        model.load_state_dict(average.mean)
     return {"history": at["history"], "train_seconds": at["train_seconds"]}

@@ -4,38 +4,42 @@
     python scripts/paper_table.py --seeds 0 --extra "epochs=1 data.train_limit=2000"   # a smoke run
     python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt
 
-Runs the installed `kd` (one teacher, then for each student seed: hard labels, distilled with the
-default recipe, and distilled in the paper's setup, `recipe=paper`: T=20 on the unjittered
-transfer set), each in outputs/paper-table/<stamp>/<row>-seed<k>, and prints a Markdown table: the
-paper's number, ours (mean over seeds, and each seed), the time of each run. The table is also
-written to table.md and table.json in that folder.
+Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then one seed sweep
+(`kd <stage> -m seed=...`) per student row: hard labels (student/), distilled with the default
+recipe (distilled/), and distilled in the paper's setup, `recipe=paper`: T=20 on the unjittered
+transfer set (distilled-paper-setup/). Each sweep ends with kd report's report.md in its folder;
+the rows here are kd report's, and the script prints one Markdown table: the paper's number, ours
+(mean over seeds, and each seed), the time of each run. The table is also written to table.md and
+table.json in that folder.
 """
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from kd_cli.report import find_jobs, read_job, seed_groups
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
 
 
-def run(stage, run_dir, overrides):
-    cmd = ["kd", stage, *overrides, f"hydra.run.dir={run_dir}"]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    return {**json.loads((run_dir / "metrics.json").read_text()),
-            "config": OmegaConf.load(run_dir / ".hydra" / "config.yaml")}
+def kd(*args):
+    print("+", shlex.join(["kd", *args]), flush=True)
+    subprocess.run(["kd", *args], check=True)
 
 
-def recipe(metrics):
-    """How a distilled row was trained, from its own metrics.json (what ran, not what was asked)."""
-    jitter = metrics["config"].data.jitter
-    jittered = f"jittered +-{jitter} px" if jitter else "unjittered"
-    return f"T={metrics['T']:g} alpha={metrics['alpha']:g}, {jittered} transfer set, {metrics['epochs']} epochs"
+def sweep(stage, folder, seeds, overrides):
+    """`kd <stage> -m seed=...` into folder: kd report's rows of its jobs, in seed order."""
+    kd(stage, "-m", f"seed={','.join(map(str, seeds))}", *overrides, f"hydra.sweep.dir={folder}")
+    return [read_job(job, launched) for job, launched in find_jobs([folder])]
+
+
+def recipe(row):
+    """How a distilled row was trained, from its own config (what ran, not what was asked)."""
+    v = row["values"]
+    jittered = f"jittered +-{v['data.jitter']} px" if v["data.jitter"] != "0" else "unjittered"
+    return f"T={float(v['T']):g} alpha={float(v['alpha']):g}, {jittered} transfer set, {v['epochs']} epochs"
 
 
 def main():
@@ -51,27 +55,26 @@ def main():
     ap.add_argument("--out", default=None, help="folder for the runs (default outputs/paper-table/<stamp>)")
     args = ap.parse_args()
 
-    out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     extra = shlex.split(args.extra)
     started = time.time()
-    rows = {"teacher": [], "student": [], "distilled": [], "distilled_paper_setup": []}
     if args.teacher:
         teacher_ckpt = Path(args.teacher).resolve()
-        rows["teacher"].append(json.loads((teacher_ckpt.parent / "metrics.json").read_text()))  # no config needed
     else:
-        rows["teacher"].append(run("train-teacher", out / f"teacher-seed{args.teacher_seed}",
-                                   [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)]))
-        teacher_ckpt = (out / f"teacher-seed{args.teacher_seed}" / "checkpoint.pt").resolve()
-    for seed in args.seeds:
-        rows["student"].append(run("train-student", out / f"student-seed{seed}", [f"seed={seed}", *extra]))
-        rows["distilled"].append(run("distill", out / f"distilled-seed{seed}",
-                                     [f"seed={seed}", f"teacher={teacher_ckpt}", *shlex.split(args.distill_extra),
-                                      *extra]))
-        rows["distilled_paper_setup"].append(run("distill", out / f"distilled-paper-setup-seed{seed}",
-                                                 [f"seed={seed}", "recipe=paper", f"teacher={teacher_ckpt}",
-                                                  *extra]))
-
-    mean = {k: statistics.mean(m["test_errors"] for m in v) for k, v in rows.items()}
+        teacher_ckpt = out / "teacher" / "checkpoint.pt"
+        kd("train-teacher", f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra),
+           f"hydra.run.dir={teacher_ckpt.parent}")
+    teacher = f"teacher={teacher_ckpt}"
+    rows = {"teacher": [read_job(teacher_ckpt.parent)],
+            "student": sweep("train-student", out / "student", args.seeds, extra),
+            "distilled": sweep("distill", out / "distilled", args.seeds,
+                               [teacher, *shlex.split(args.distill_extra), *extra]),
+            "distilled_paper_setup": sweep("distill", out / "distilled-paper-setup", args.seeds,
+                                           ["recipe=paper", teacher, *extra])}
+    failed = [r["job"] for v in rows.values() for r in v if r["status"] != "done"]
+    if failed:
+        raise SystemExit(f"runs that did not finish: {', '.join(failed)}")
+    mean = {k: seed_groups(v, ["seed"])[0]["mean"] for k, v in rows.items()}
     gap = mean["student"] - mean["teacher"]
     closed = {k: (mean["student"] - mean[k]) / gap if gap > 0 else float("nan")
               for k in ("distilled", "distilled_paper_setup")}
@@ -83,10 +86,10 @@ def main():
     lines = ["| model | paper | ours (mean) | ours per seed | train s per run | wall s per run |",
              "| --- | --- | --- | --- | --- | --- |"]
     for k, v in rows.items():
-        seeds = ", ".join(f"{m['test_errors']} (seed {m['seed']})" for m in v)
+        seeds = ", ".join(f"{r['test_errors']} (seed {r['values']['seed']})" for r in v)
         lines.append(f"| {names[k]} | {PAPER[k]} | {mean[k]:.1f} | {seeds} | "
-                     f"{statistics.mean(m['train_seconds'] for m in v):.0f} | "
-                     f"{statistics.mean(m['wall_seconds'] for m in v):.0f} |")
+                     f"{sum(r['train_seconds'] for r in v) / len(v):.0f} | "
+                     f"{sum(r['wall_seconds'] for r in v) / len(v):.0f} |")
     lines.append("")
     lines.append(f"Test errors out of {rows['teacher'][0]['test_total']}. Distillation closes "
                  f"{100 * closed['distilled']:.0f}% of the student-teacher gap with the default recipe, "
@@ -98,8 +101,9 @@ def main():
     print(text)
     (out / "table.md").write_text(text + "\n")
     (out / "table.json").write_text(json.dumps({"mean": mean, "gap_closed": closed, "runs": {
-        k: [{"test_errors": m["test_errors"], "seed": m["seed"], "train_seconds": m["train_seconds"],
-             "wall_seconds": m["wall_seconds"]} for m in v] for k, v in rows.items()}}, indent=2) + "\n")
+        k: [{"job": r["job"], "test_errors": r["test_errors"], "seed": int(r["values"]["seed"]),
+             "train_seconds": r["train_seconds"], "wall_seconds": r["wall_seconds"]} for r in v]
+        for k, v in rows.items()}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,13 @@ def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypat
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         script.main()
-    assert [c[1] for c in commands] == ["train-student", "distill", "distill"]
+    assert [c[1:3] for c in commands] == [["train-student", "-m"], ["distill", "-m"], ["distill", "-m"]]
     table = json.loads((out / "table.json").read_text())
-    folders = {"teacher": ["../teacher"], "student": ["student-seed1"], "distilled": ["distilled-seed1"],
-               "distilled_paper_setup": ["distilled-paper-setup-seed1"]}
-    for row, names in folders.items():
-        errors = [json.loads((out / n / "metrics.json").read_text())["test_errors"] for n in names]
+    folders = {"teacher": [tmp_path / "teacher"], **{row: sorted((out / sub).glob("0_*")) for row, sub in (
+        ("student", "student"), ("distilled", "distilled"), ("distilled_paper_setup", "distilled-paper-setup"))}}
+    assert all(len(runs) == 1 for runs in folders.values())  # one seed: one job per sweep
+    for row, runs in folders.items():
+        errors = [json.loads((run / "metrics.json").read_text())["test_errors"] for run in runs]
         assert [r["test_errors"] for r in table["runs"][row]] == errors
         assert table["mean"][row] == statistics.mean(errors)
     gap = table["mean"]["student"] - table["mean"]["teacher"]

@@ -138,3 +138,53 @@ def test_clip_grad_norm_bounds_each_step():
             assert step > 1e-2  # unclipped, one step of lr 1 moves the weights far
         else:
             assert step <= clip * (1 + 1e-4)  # lr 1 x a gradient rescaled to norm 1e-3
+
+
+def fit_averaged(epochs=5, last=3, **kw):
+    """fit() with weight averaging over the last `last` epochs, recording every epoch's end weights
+    (evaluate runs once per epoch end on the live model, then once more on the average)."""
+    torch.manual_seed(0)
+    x, y = toy()
+    m, ends = MLP(hidden=[32], dropout_hidden=0.2), []
+
+    def evaluate(model):
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"test_errors": int(model.out.weight.abs().sum() * 1000)}  # a number that tells weights apart
+
+    out = train(m, x, y, hard_label_loss, Recipe(epochs=epochs, batch_size=32, lr=0.1, schedule="cosine",
+                                                  average_last_epochs=last),
+                max_norm=2.0, jitter_pixels=1, evaluate=evaluate, **kw)
+    return m, out, ends
+
+
+def test_weight_averaging_ends_with_the_plain_mean_of_the_last_epochs_weights():
+    m, out, ends = fit_averaged(epochs=5, last=3)
+    # evaluate's calls: untrained, epochs 1-2 live, then epochs 3-5 live and averaged in turn (9)
+    assert len(ends) == 9
+    live = [ends[0], ends[1], ends[2], ends[3], ends[5], ends[7]]
+    for k, v in m.state_dict().items():  # the final model is the mean of epochs 3, 4, 5's ends, in float64
+        expected = sum(e[k].double() for e in live[3:]) / 3
+        torch.testing.assert_close(v.double(), expected, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(v, live[5][k])  # and not the last epoch's weights
+    for k in ends[6]:  # after epoch 4 the average is of epochs 3 and 4
+        torch.testing.assert_close(ends[6][k].double(), (live[3][k].double() + live[4][k].double()) / 2,
+                                   rtol=1e-6, atol=1e-7)
+    assert [sorted(r) for r in out["history"][3:]] == [["epoch", "loss", "test_errors", "test_errors_avg"]] * 3
+    assert "test_errors_avg" not in out["history"][2]
+    norms = m.hidden[0].weight.norm(dim=1)  # a mean of max-norm-obeying rows obeys it too
+    assert bool((norms <= 2.0 + 1e-5).all())
+
+
+def test_weight_averaging_resumes_to_the_untouched_run(tmp_path, monkeypatch):
+    from kd_cli.train import Interrupted
+
+    untouched, ref, _ = fit_averaged()
+    state = tmp_path / "state.pt"
+    monkeypatch.setenv("KD_TEST_SIGNAL_AT", "SIGINT@4:3")  # inside the averaging window (epochs 3-5)
+    with pytest.raises(Interrupted):
+        fit_averaged(state_path=state, state_extra={"stage": "train-teacher"})
+    monkeypatch.delenv("KD_TEST_SIGNAL_AT")
+    resumed, out, _ = fit_averaged(state_path=state, state_extra={"stage": "train-teacher"})
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, untouched.state_dict()[k])
+    assert out["history"] == ref["history"]
