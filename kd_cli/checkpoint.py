@@ -119,6 +119,32 @@ def sha256_of(path):
     return h.hexdigest()
 
 
+PRETRAINED = "pretrained"  # teacher=pretrained, checkpoint=pretrained: the teacher shipped with kd
+
+
+def pretrained_folder():
+    from importlib.resources import files
+
+    return Path(str(files("kd_cli.pretrained")))
+
+
+def resolve_pretrained(path):
+    """`pretrained` -> the shipped teacher's checkpoint, checked against its recorded sha256 (a
+    damaged copy, or the pointer file Git LFS leaves, is refused); any other path as given."""
+    if str(path) != PRETRAINED:
+        return path
+    folder = pretrained_folder()
+    ckpt, digest = folder / "teacher.pt", folder / "teacher.sha256"
+    if not ckpt.is_file() or not digest.is_file():
+        raise KDError(f"no pretrained teacher ships with this copy of kd ({ckpt} is missing); train one with "
+                      "kd train-teacher, or pass teacher=<path to checkpoint.pt>")
+    expected = (digest.read_text().split() or [""])[0]
+    if sha256_of(ckpt) != expected:
+        raise KDError(f"{ckpt} does not match its sha256 in {digest.name}: a damaged copy (or a Git LFS "
+                      "pointer); fetch the file again")
+    return ckpt
+
+
 def newest_checkpoint(outputs, stage):
     """The most recently written checkpoint.pt of `stage` under outputs/ (single runs and sweeps)."""
     outputs = Path(outputs)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import config, run
+from . import run
 from .errors import KDError
-
-CONFIG_MODULE = "kd_cli.conf"
+from .preflight import CONFIG_MODULE, check_overrides, quote_paths
 
 # stage -> (primary config name, one line for `kd --help`)
 STAGES = {
@@ -41,136 +40,6 @@ INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--res
 
 def _fail(message):
     print(f"kd: error: {message}", file=sys.stderr)
-
-
-def _first_values(overrides):
-    """The overrides with each sweep (a,b,c) cut to its first value; and each swept key's values."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    single, sweeps = [], {}
-    for o in parsed:
-        if o.is_interval_sweep():  # a search's range: check its two ends
-            ends = [o.value().start, o.value().end]
-            sweeps[o.key_or_group] = ends
-            single.append(f"{o.get_key_element()}={ends[0]}")
-        elif o.is_sweep_override():
-            values = list(o.sweep_iterator())
-            sweeps[o.key_or_group] = values
-            single.append(f"{o.get_key_element()}={list(o.sweep_string_iterator())[0]}")
-        else:
-            single.append(o.input_line)
-    return single, sweeps
-
-
-def _composition_message(stage, e):
-    text = " ".join(str(e).split())
-    cause = " ".join(str(e.__cause__).split()) if e.__cause__ else ""
-    for msg in (text, cause):
-        if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
-            key = msg.split("'")[1] if "'" in msg else msg
-            return f"unknown key '{key}' for kd {stage}; `kd {stage} --cfg job` lists the keys"
-        if "not in 'SamplerConfig'" in msg or "GridSampler" in msg:
-            return f"hparams_search samplers: tpe (the default), random, cmaes; for a grid, kd {stage} -m key=a,b,c"
-        if "hydra/sweeper/optuna" in msg or "hydra/sweeper/sampler" in msg:
-            return "hparams_search needs Optuna: pip install 'kd-cli[optuna]'"
-        if "hparams_search" in msg and "Could not find" in msg:
-            names = ", ".join(n for n, _ in STAGES.values() if n in SEARCHABLE)
-            return f"no search space for kd {stage} there; hparams_search= one of: {names} (conf/hparams_search/)"
-    if "override_grammar" in text:  # a parse error: most often a path or list needing quotes
-        text += " (quote a value that holds = , [ or spaces: checkpoint=['a/0_seed=0/checkpoint.pt','b.pt'])"
-    return text.split(" full_key:")[0]
-
-
-PATH_KEYS = ("teacher", "generalist", "checkpoint", "resume", "hydra.run.dir", "hydra.sweep.dir")
-
-
-def quote_paths(overrides):
-    """A sweep job's folder name holds = and , (0_T=2,alpha=0.1), which Hydra's override grammar
-    cannot read unquoted: quote a path value that holds '=' so `teacher=<job dir>/checkpoint.pt`
-    just works. Lists and already quoted values are left as the user wrote them."""
-    out = []
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        if eq and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "[('\"":
-            o = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        out.append(o)
-    return out
-
-
-SEARCHABLE = ("train_teacher", "train_student", "distill")  # stages with conf/hparams_search/<name>.yaml
-
-
-def check_search(stage, cfg, multirun, check_value):
-    """A search (hparams_search=...) needs -m and a validation split to minimise, and every end
-    of every range it searches must be a value kd accepts."""
-    if not multirun:
-        raise KDError(f"hparams_search runs a search of many runs: add -m (kd {stage} -m hparams_search=...)")
-    if not cfg.data.val_size:
-        raise KDError("a search minimises validation errors: set data.val_size (e.g. 10000); "
-                      "the test set is never its objective")
-    if str(OmegaConf.select(cfg, "hydra.sweeper.sampler._target_", default="")).endswith("GridSampler"):
-        raise KDError(f"for a grid, use kd's own sweep: kd {stage} -m key=a,b,c (no hparams_search)")
-    space = OmegaConf.to_container(cfg.hydra.sweeper.params or {})
-    for key in space:
-        if OmegaConf.select(cfg, key, default=None) is None and key not in cfg.hydra.runtime.choices:
-            raise KDError(f"the search space has {key}, which kd {stage} does not; "
-                          f"use hparams_search={STAGES[stage][0]} or drop hydra.sweeper.params.{key}")
-    _, ends = _first_values([f"{k}={v}" for k, v in space.items()])
-    for key, values in ends.items():
-        check_value(key, values)
-
-
-def _is_search(cfg):
-    return str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("KdSearch")
-
-
-def _is_hydra_key(override):
-    return override.lstrip("+~").startswith("hydra")
-
-
-def check_overrides(stage, config_name, overrides):
-    """Compose the stage's config before Hydra runs it and check every value (every value of a
-    sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
-    folder ends in one line, with no folder made or changed."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import open_dict
-
-    multirun = any(o in ("-m", "--multirun") for o in overrides)
-    args = [o for o in overrides if o not in ("-m", "--multirun")]
-    try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            single, sweeps = _first_values(args)
-            cfg = compose(config_name, overrides=single, return_hydra_config=True)
-            config.check(stage, cfg)
-
-            def check_values(key, values):
-                if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
-                    return  # a config group (model=a,b) or Hydra's own key: composition checked it
-                for v in values:
-                    trial = cfg.copy()
-                    with open_dict(trial):
-                        OmegaConf.update(trial, key, v, merge=False)
-                    config.check(stage, trial)
-
-            for key, values in sweeps.items():
-                check_values(key, values)
-            if _is_search(cfg):
-                check_search(stage, cfg, multirun, check_values)
-            if multirun:
-                run.check_writable(cfg.hydra.sweep.dir)
-                if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
-                    jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
-                    run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
-                                                 lambda job: OmegaConf.to_container(compose(config_name, overrides=job)))
-            else:
-                run.check_writable(cfg.hydra.run.dir)
-                if not cfg.get("resume"):
-                    run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
-    except KDError:
-        raise
-    except Exception as e:  # Hydra's composition and parse errors have no common base
-        raise KDError(_composition_message(stage, e)) from None
 
 
 def _share_cores(hc):

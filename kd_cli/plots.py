@@ -78,6 +78,8 @@ def validation_plot(path, rows, swept, best=None):
                        label="best by validation")
         if min(xs) > 0 and max(xs) >= 10 * min(xs):  # a range searched on a log scale
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^0 ... labels overlap
         ax.set_xlabel(k)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("validation errors")

@@ -163,6 +163,12 @@ def seed_groups(rows, swept):
     return groups
 
 
+def _short(value):
+    """A searched float at 4 significant digits for the table (report.csv keeps every digit)."""
+    number = _number(value)
+    return f"{number:.4g}" if number is not None and len(str(value)) > 8 else value
+
+
 def best_by_validation(rows):
     """The finished job with the fewest validation errors (the first of equals), or None."""
     scored = [r for r in rows if r["status"] == "done" and r["val_errors"] is not None]
@@ -175,7 +181,7 @@ def markdown(rows, swept, fixed, groups=None):
             "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [Path(r["job"]).name, *(r["values"].get(k, "") for k in swept), r["status"],
+        cells = [Path(r["job"]).name, *(_short(r["values"].get(k, "")) for k in swept), r["status"],
                  *([] if not validated else ["" if r["val_errors"] is None else str(r["val_errors"])]),
                  "" if r["test_errors"] is None else str(r["test_errors"]),
                  "" if r["test_error_rate"] is None else f"{100 * r['test_error_rate']:.2f}%",
@@ -192,7 +198,7 @@ def markdown(rows, swept, fixed, groups=None):
                                             f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
     best = best_by_validation(rows)
     if best is not None:
-        chosen = ", ".join(f"`{k}={best['values'].get(k)}`" for k in swept if k != SEED) or "its settings"
+        chosen = ", ".join(f"`{k}={_short(best['values'].get(k))}`" for k in swept if k != SEED) or "its settings"
         lines += ["", f"Best by validation: {Path(best['job']).name.split('_', 1)[0]} ({chosen}), "
                   f"{best['val_errors']} validation errors; its **{best['test_errors']} test errors** are the "
                   "number to quote (the test set chose nothing)."]

@@ -10,7 +10,7 @@ Where kd departs from the stock sweeper, and why:
 - each trial's sampler is seeded from (sampler.seed, its trial number), so a continued search
   proposes what an unbroken one would have (given the same results: kd runs are deterministic).
 - a trial that fails, diverges or reports no validation errors is told to the study as failed,
-  and the search goes on.
+  and the search goes on (hydra.sweeper.max_failure_rate is not used: failures never end it).
 """
 import logging
 import math
@@ -52,6 +52,9 @@ class Search(OptunaSweeperImpl):
         log.info("study %s in %s: %d trial(s) so far of %d", study.study_name, self.storage,
                  len(study.trials), self.n_trials)
         for trial in [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]:
+            if OVERRIDES not in trial.user_attrs:  # killed between asking for it and launching it
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                continue
             log.info("trial %d was left running: running it again in its folder", trial.number)
             self._run(study, [trial.number], [trial.user_attrs[OVERRIDES]])
         while len(study.trials) < self.n_trials:

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import run
-from .checkpoint import cpu_weights, load_checkpoint, save_json, sha256_of
+from .checkpoint import cpu_weights, load_checkpoint, resolve_pretrained, save_json, sha256_of
 from .config import COMBINE
 from .data import load_mnist, split_validation
 from .errors import KDError
@@ -129,7 +129,7 @@ def _validation_for(cfg, ckpt, device):
 def evaluate(cfg, out_dir):
     """Test errors of a checkpoint, of an ensemble of them, or of one after a bias shift."""
     started = time.perf_counter()
-    paths = list(cfg.checkpoint) if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint]
+    paths = [resolve_pretrained(p) for p in (cfg.checkpoint if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint])]
     if len(paths) > 1 and (cfg.bias_shift or cfg.fit_bias):
         raise KDError("bias_shift and fit_bias take one checkpoint, not an ensemble")
     device = device_of(cfg)

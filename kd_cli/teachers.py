@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import check_model, load_checkpoint, newest_checkpoint, sha256_of
+from .checkpoint import check_model, load_checkpoint, newest_checkpoint, resolve_pretrained, sha256_of
 from .config import COMBINE
 from .errors import KDError
 from .losses import soft_targets
@@ -18,8 +18,9 @@ TEACHER_STAGE = "train-teacher"
 
 def resolve_teacher(teacher, outputs="outputs"):
     """The teachers' checkpoint paths (a list): the newest `kd train-teacher` wrote when none is
-    given; a path; a list of paths (an ensemble); or a folder, meaning every checkpoint.pt in it
-    and its job folders (a seed sweep of teachers: teacher=outputs/train-teacher-sweep/<stamp>)."""
+    given; a path (`pretrained`: the teacher shipped with kd); a list of paths (an ensemble); or a
+    folder, meaning every checkpoint.pt in it and its job folders (a seed sweep of teachers:
+    teacher=outputs/train-teacher-sweep/<stamp>)."""
     if teacher is None:
         path = newest_checkpoint(outputs, TEACHER_STAGE)
         if path is None:
@@ -31,7 +32,7 @@ def resolve_teacher(teacher, outputs="outputs"):
     for item in items:
         if not isinstance(item, (str, Path)):
             raise KDError(f"teacher must be a checkpoint path or a list of them, got {teacher!r}")
-        path = Path(item).expanduser()
+        path = Path(resolve_pretrained(item)).expanduser()
         if path.is_dir():
             found = sorted([*path.glob("checkpoint.pt"), *path.glob("*/checkpoint.pt")])
             if not found:

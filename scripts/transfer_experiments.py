@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from kd_cli.report import find_jobs, read_job
+
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
 WIDTHS = [800, 300, 30]
 
@@ -87,6 +89,14 @@ def little_data(out, extra, teacher):
     return lines
 
 
+def done_rows(sweep):
+    return [r for r in (read_job(job, launched) for job, launched in find_jobs([sweep])) if r["status"] == "done"]
+
+
+def hidden_of(row):
+    return int(row["values"]["model.hidden"].strip("[]").split(",")[0])
+
+
 def width_vs_T(out, extra, teacher):
     sweep = out / "sweep"
     ts, widths = ",".join(f"{t:g}" for t in WIDTH_TS), ",".join(f"[{w},{w}]" for w in WIDTHS)
@@ -98,13 +108,9 @@ def width_vs_T(out, extra, teacher):
     hard_cmd = ["kd", "train-student", "-m", f"model.hidden={widths}", *extra, f"hydra.sweep.dir={out / 'hard'}"]
     print("+", shlex.join(hard_cmd), flush=True)
     subprocess.run(hard_cmd, check=True)
-    table, hard = {}, {}
-    for f in sweep.glob("*/metrics.json"):
-        m = json.loads(f.read_text())
-        table[(m["arch"]["hidden"][0], m["T"])] = m["test_errors"]
-    for f in (out / "hard").glob("*/metrics.json"):
-        m = json.loads(f.read_text())
-        hard[m["arch"]["hidden"][0]] = m["test_errors"]
+    # kd report's rows (what each job ran: its width and T from its own config)
+    table = {(hidden_of(r), float(r["values"]["T"])): r["test_errors"] for r in done_rows(sweep)}
+    hard = {hidden_of(r): r["test_errors"] for r in done_rows(out / "hard")}
     lines = ["| units per layer | hard labels | " + " | ".join(f"T={t:g}" for t in WIDTH_TS) + " |",
              "| --- | --- | " + " | ".join("---" for _ in WIDTH_TS) + " |"]
     for w in WIDTHS:

@@ -80,3 +80,36 @@ def test_newest_checkpoint_covers_runs_and_sweeps(tmp_path):
         p.write_bytes(b"x")
         os.utime(p, (t, t))
     assert newest_checkpoint(tmp_path, "train-teacher") == b
+
+
+def test_pretrained_is_the_shipped_teacher_checked_by_its_sha256(kd, tmp_path, monkeypatch):
+    import hashlib
+    import json
+    import shutil
+
+    import kd_cli.checkpoint
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(kd_cli.checkpoint, "pretrained_folder", lambda: shipped)
+    refused = kd("evaluate", "checkpoint=pretrained", check=False)  # nothing shipped yet
+    assert refused.returncode == 2 and "no pretrained teacher ships" in refused.stderr
+
+    shutil.copy(tmp_path / "teacher" / "checkpoint.pt", shipped / "teacher.pt")
+    digest = hashlib.sha256((shipped / "teacher.pt").read_bytes()).hexdigest()
+    (shipped / "teacher.sha256").write_text(f"{digest}  teacher.pt\n")
+    kd("evaluate", "checkpoint=pretrained", f"hydra.run.dir={tmp_path / 'eval'}")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    trained = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert metrics["test_errors"] == trained["test_errors"] and metrics["checkpoint"] == str(shipped / "teacher.pt")
+    kd("distill", "teacher=pretrained", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'student'}")
+    student = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert student["teacher"]["sha256"] == digest
+
+    damaged = bytearray((shipped / "teacher.pt").read_bytes())
+    damaged[-1] ^= 1
+    (shipped / "teacher.pt").write_bytes(bytes(damaged))
+    refused = kd("distill", "teacher=pretrained", "model.hidden=[16]", "epochs=1", check=False)
+    assert refused.returncode == 2 and "does not match its sha256" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -140,7 +140,7 @@ def test_help_and_unknown_stage(kd):
 
 
 def test_paths_from_sweep_folders_are_quoted_for_hydra():
-    from kd_cli.cli import quote_paths
+    from kd_cli.preflight import quote_paths
 
     job = "outputs/distill-sweep/s/0_T=2,alpha=0.1/checkpoint.pt"
     assert quote_paths([f"teacher={job}", f"resume={job}", "T=2,5", "teacher=a.pt,b.pt"]) == [

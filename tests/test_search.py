@@ -1,12 +1,11 @@
 """hparams_search: an Optuna study through Hydra, minimising validation errors, stored in the sweep
 folder, continued by the same command after a stop, with failed trials recorded."""
 import json
-import signal
 
-import optuna
 import pytest
 
 from kd_cli.run import ERROR, METRICS
+from kd_cli.search import optuna  # after kd_cli.search has quieted SQLAlchemy 1.4's 2.0 warning
 
 SEARCH = ["train-student", "-m", "hparams_search=train_student", "model.hidden=[16]", "data.val_size=100",
           "hydra.sweeper.n_trials=4", "epochs=choice(2,3)", "batch_size=choice(50,100)"]
@@ -81,6 +80,7 @@ def test_the_objective_is_validation_errors_and_a_failed_trial_is_recorded(kd, t
     (["evaluate", "-m", "hparams_search=distill"], "hparams_search"),
     (["train-student", "-m", "hparams_search=distill", "data.val_size=100"], "hparams_search=train_student"),
     ([*SEARCH, "hydra/sweeper/sampler=grid"], "for a grid"),
+    (["train-student", "-m", "hydra/sweeper=optuna", "data.val_size=100"], "hparams_search=train_student"),
 ])
 def test_a_search_that_cannot_be_judged_fairly_is_refused(kd, args, says):
     proc = kd(*args, check=False)

@@ -4,9 +4,8 @@ plugin scan to warn about)."""
 try:
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 except ImportError:  # pip install 'kd-cli[optuna]' brings it
-    OptunaSweeper = KdSearch = None
-
-if OptunaSweeper is not None:
+    KdSearch = None
+else:
 
     class KdSearch(OptunaSweeper):
         """Hydra's Optuna sweeper whose study continues where a stopped search left off."""
