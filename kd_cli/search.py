@@ -17,14 +17,15 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
-import optuna
-from hydra.core.utils import JobStatus
-from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from omegaconf import OmegaConf
+os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 uses the 1.x API, pinned; read on import
 
-os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")  # optuna 2.10 uses the 1.x API, pinned
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from hydra.core.utils import JobStatus  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
 log = logging.getLogger("kd")
 OBJECTIVE = "val_errors"      # metrics.json's key that a search minimises; never test errors
 OVERRIDES = "kd_overrides"    # trial user attribute: its overrides, to run it again in its folder
