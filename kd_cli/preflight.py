@@ -74,6 +74,9 @@ def check_search(stage, cfg, multirun, check_value):
     of every range it searches must be a value kd accepts."""
     if not multirun:
         raise KDError(f"hparams_search runs a search of many runs: add -m (kd {stage} -m hparams_search=...)")
+    if cfg.hydra.sweeper.n_jobs < 1 or str(cfg.hydra.sweeper.direction) not in ("minimize", "Direction.minimize"):
+        raise KDError("a search runs n_jobs >= 1 trials at a time and minimises validation errors: "
+                      "hydra.sweeper.n_jobs=1 (or more), hydra.sweeper.direction=minimize")
     if not cfg.data.val_size:
         raise KDError("a search minimises validation errors: set data.val_size (e.g. 10000); "
                       "the test set is never its objective")
@@ -87,6 +90,27 @@ def check_search(stage, cfg, multirun, check_value):
     _, ends = _first_values([f"{k}={v}" for k, v in space.items()])
     for key, values in ends.items():
         check_value(key, values)
+
+
+def check_search_continuation(stage, cfg, task):
+    """A search launched into a folder that holds one continues it, so it must be the same search:
+    the same typed overrides, space and sampler (only hydra.sweeper.n_trials may grow)."""
+    record = Path(cfg.hydra.sweep.dir) / "multirun.yaml"
+    if not record.is_file():
+        return
+    try:
+        then = OmegaConf.load(record).hydra
+        same = {"overrides": sorted(then.overrides.task) == sorted(task),
+                "hydra.sweeper.params": then.sweeper.params == cfg.hydra.sweeper.params,
+                "hydra.sweeper.sampler": then.sweeper.sampler == cfg.hydra.sweeper.sampler,
+                "hydra.sweeper._target_": then.sweeper._target_ == cfg.hydra.sweeper._target_}
+    except Exception:  # a damaged record, or a grid sweep's (no params): not a search to continue
+        same = {"its multirun.yaml": False}
+    changed = [k for k, ok in same.items() if not ok]
+    if changed:
+        raise KDError(f"{record.parent} holds another sweep or search ({', '.join(changed)} differ); continue it "
+                      f"with kd {stage} resume={record.parent} (hydra.sweeper.n_trials=N may be added), or choose "
+                      "a new hydra.sweep.dir")
 
 
 def _is_search(cfg):
@@ -128,8 +152,12 @@ def check_overrides(stage, config_name, overrides):
                 raise KDError(f"search with hparams_search={config_name if config_name in SEARCHABLE else '<stage>'}"
                               " (Hydra's Optuna sweeper, made resumable, minimising validation errors; "
                               "conf/hparams_search/) rather than hydra/sweeper=optuna")
+            if multirun and any(_is_hydra_key(o) and o.split("=", 1)[0] in sweeps for o in args):
+                raise KDError("Hydra cannot sweep its own keys; give a search range on the key itself: "
+                              "'T=tag(log, interval(2.0, 20.0))'")
             if _is_search(cfg):
                 check_search(stage, cfg, multirun, check_values)
+                check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)])
             if multirun:
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):

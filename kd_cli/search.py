@@ -4,7 +4,8 @@ with a study that lives in the sweep folder and continues where a stopped search
 Where kd departs from the stock sweeper, and why:
 - trial number == job number == job folder. The stock sweeper numbers jobs from 0 on every launch,
   so a continued study would write its new trials into the old trials' folders.
-- n_trials is the study's total, not "this many more": the same command finishes the same search.
+- n_trials is the study's total, not "this many more": the same command (the same
+  hydra.sweep.dir, or kd <stage> resume=<sweep folder>) finishes the same search.
 - a trial that a killed search left running is run again in its own folder, where kd resumes it
   from its state.pt (a trial killed before its first saved state starts again from scratch).
 - each trial's sampler is seeded from (sampler.seed, its trial number), so a continued search
@@ -92,7 +93,7 @@ class Search(OptunaSweeperImpl):
         if not done:
             log.warning("no trial of the study finished: no best trial")
             return
-        best = study.best_trial
+        best = min(done, key=lambda t: (t.value, t.number))  # the first of equals, as kd report names it
         log.info("best trial %d: %s, %g validation errors", best.number, best.params, best.value)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_trial": best.number, "best_params": best.params,
                                          "best_value": best.value, "objective": OBJECTIVE}),

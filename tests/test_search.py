@@ -47,6 +47,10 @@ def test_a_stopped_search_continues_with_the_same_command_as_if_never_stopped(kd
     assert sorted(p.name.split("_")[0] for p in broken.glob("[0-9]*_*")) == ["0", "1", "2", "3"]
     again = kd(*SEARCH, f"hydra.sweep.dir={broken}")  # a finished search: nothing left to run
     assert "Launching" not in again.stdout + again.stderr and len(study_of(broken).trials) == 4
+    study_file = (broken / "optuna.db").read_bytes()
+    other = kd(*SEARCH[:-1], "batch_size=choice(50,200)", f"hydra.sweep.dir={broken}", check=False)
+    assert other.returncode == 2 and "holds another sweep or search (overrides differ)" in other.stderr
+    assert (broken / "optuna.db").read_bytes() == study_file  # another space never joins the study
 
 
 def test_the_objective_is_validation_errors_and_a_failed_trial_is_recorded(kd, tmp_path):
@@ -71,12 +75,16 @@ def test_the_objective_is_validation_errors_and_a_failed_trial_is_recorded(kd, t
     best_test = metrics(trial_folder(sweep, best.number))["test_errors"]
     assert f"Best by validation: {best.number} (" in report and f"**{best_test} test errors**" in report
     assert report.count("| failed |") == len(failed) and (sweep / "search.png").exists()
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert f"best_trial: {best.number}\n" in results and "objective: val_errors" in results
 
 
 @pytest.mark.parametrize("args, says", [
     (["train-student", "hparams_search=train_student"], "add -m"),
     ([*SEARCH, "data.val_size=0"], "set data.val_size"),
-    (["distill", "-m", "hparams_search=distill", "T=interval(0,5)"], "T"),
+    (["distill", "-m", "hparams_search=distill", "T=interval(0,5)"], "T must be a number in [0.01, 1000]"),
+    ([*SEARCH, "hydra.sweeper.n_jobs=0"], "n_jobs >= 1"),
+    ([*SEARCH, "hydra.sweeper.params.lr=choice(0.1,0.2)"], "Hydra cannot sweep its own keys"),
     (["evaluate", "-m", "hparams_search=distill"], "hparams_search"),
     (["train-student", "-m", "hparams_search=distill", "data.val_size=100"], "hparams_search=train_student"),
     ([*SEARCH, "hydra/sweeper/sampler=grid"], "for a grid"),
