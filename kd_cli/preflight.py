@@ -113,10 +113,6 @@ def check_search_continuation(stage, cfg, task):
                       "a new hydra.sweep.dir")
 
 
-def _is_search(cfg):
-    return str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).endswith("KdSearch")
-
-
 def _is_hydra_key(override):
     return override.lstrip("+~").startswith("hydra")
 
@@ -155,7 +151,7 @@ def check_overrides(stage, config_name, overrides):
             if multirun and any(_is_hydra_key(o) and o.split("=", 1)[0] in sweeps for o in args):
                 raise KDError("Hydra cannot sweep its own keys; give a search range on the key itself: "
                               "'T=tag(log, interval(2.0, 20.0))'")
-            if _is_search(cfg):
+            if run.is_search(cfg.hydra):
                 check_search(stage, cfg, multirun, check_values)
                 check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)])
             if multirun:

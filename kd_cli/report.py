@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from .errors import KDError
 from .plots import SEED, _number, learning_curves, plot, validation_plot
 from .run import ERROR, METRICS, RECORD, STATE, sweep_jobs
+from .run import is_search as run_is_search
 
 
 def launched_jobs(sweep):
@@ -36,7 +37,7 @@ def launched_jobs(sweep):
 def is_search(sweep):
     """Whether a folder holds a search (hparams_search=...: kd's Optuna sweeper) rather than a grid."""
     try:
-        return OmegaConf.load(Path(sweep) / "multirun.yaml").hydra.sweeper._target_.endswith("KdSearch")
+        return run_is_search(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra)
     except Exception:  # no record, or a damaged one: not a search kd can tell
         return False
 
@@ -102,6 +103,11 @@ def _config_of(job):
         return _flat(tree) if isinstance(tree, dict) else {}
     except Exception:  # a missing or damaged record: the overrides alone describe the job
         return {}
+
+
+def rows_of(paths):
+    """kd report's rows: one per job found under the given sweep or run folders, in job order."""
+    return [read_job(job, launched) for job, launched in find_jobs(paths)]
 
 
 def _row(job, overrides, status, error="", metrics=None):
@@ -221,7 +227,7 @@ def report(paths, out=None):
     """Write report.md, report.csv, report.png (test errors against the swept value, when there is
     one) and curves.png (each run's loss and errors per epoch) into `out` (default: the first
     path) and return the Markdown table."""
-    rows = [read_job(j, launched) for j, launched in find_jobs(paths)]
+    rows = rows_of(paths)
     swept, fixed = swept_keys(rows)
     out = Path(out or paths[0])
     if out.exists() and not out.is_dir():

@@ -129,6 +129,14 @@ def check_writable(folder):
                       "go; choose a writable hydra.run.dir (or hydra.sweep.dir)") from None
 
 
+SEARCH_SWEEPER = "hydra_plugins.kd_search.KdSearch"  # hparams_search=...: kd's Optuna sweeper
+
+
+def is_search(hydra):
+    """Whether a (composed or recorded) Hydra config runs kd's search rather than a grid."""
+    return OmegaConf.select(hydra, "sweeper._target_", default=None) == SEARCH_SWEEPER
+
+
 def sweep_overrides(stage, sweep_dir):
     """`kd <stage> resume=<sweep folder>`: the command line the sweep was launched with (from
     its multirun.yaml), so the same jobs run again into the same folders."""

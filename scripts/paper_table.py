@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kd_cli.report import find_jobs, read_job, seed_groups
+from kd_cli.report import read_job, rows_of, seed_groups
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
 
@@ -32,7 +32,7 @@ def kd(*args):
 def sweep(stage, folder, seeds, overrides):
     """`kd <stage> -m seed=...` into folder: kd report's rows of its jobs, in seed order."""
     kd(stage, "-m", f"seed={','.join(map(str, seeds))}", *overrides, f"hydra.sweep.dir={folder}")
-    return [read_job(job, launched) for job, launched in find_jobs([folder])]
+    return rows_of([folder])
 
 
 def recipe(row):

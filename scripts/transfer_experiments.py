@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kd_cli.report import find_jobs, read_job
+from kd_cli.report import rows_of
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
 WIDTHS = [800, 300, 30]
@@ -90,7 +90,7 @@ def little_data(out, extra, teacher):
 
 
 def done_rows(sweep):
-    return [r for r in (read_job(job, launched) for job, launched in find_jobs([sweep])) if r["status"] == "done"]
+    return [r for r in rows_of([sweep]) if r["status"] == "done"]
 
 
 def hidden_of(row):
