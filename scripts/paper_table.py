@@ -3,6 +3,7 @@
     python scripts/paper_table.py                    # the default recipes, seeds 0 1 2 for students
     python scripts/paper_table.py --seeds 0 --extra "epochs=1 data.train_limit=2000"   # a smoke run
     python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt
+    python scripts/paper_table.py --teacher pretrained   # the students only, from the teacher kd ships
 
 Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then one seed sweep
 (`kd <stage> -m seed=...`) per student row: hard labels (student/), distilled with the default
@@ -19,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from kd_cli.checkpoint import PRETRAINED, load_checkpoint, resolve_pretrained
+from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
@@ -33,6 +36,16 @@ def sweep(stage, folder, seeds, overrides):
     """`kd <stage> -m seed=...` into folder: kd report's rows of its jobs, in seed order."""
     kd(stage, "-m", f"seed={','.join(map(str, seeds))}", *overrides, f"hydra.sweep.dir={folder}")
     return rows_of([folder])
+
+
+def teacher_row(ckpt):
+    """The teacher's row: kd report's row of its run folder, or, for the shipped teacher (which has
+    no run folder), the metrics its checkpoint carries."""
+    if (ckpt.parent / ".hydra").is_dir():
+        return read_job(ckpt.parent)
+    m = load_checkpoint(ckpt)["metrics"]
+    return {"job": str(ckpt), "status": "done", "values": {"seed": str(m["seed"])},
+            **{k: m[k] for k in ("test_errors", "test_total", "train_seconds", "wall_seconds")}}
 
 
 def recipe(row):
@@ -50,8 +63,8 @@ def main():
     ap.add_argument("--extra", default="", help="overrides added to every stage (e.g. device=cuda)")
     ap.add_argument("--teacher-extra", default="", help="overrides for the teacher only")
     ap.add_argument("--teacher", default=None,
-                    help="an existing teacher checkpoint.pt: reuse it instead of training one (its own "
-                         "metrics.json gives the teacher row)")
+                    help="an existing teacher checkpoint.pt, or `pretrained` (the teacher kd ships): reuse "
+                         "it instead of training one (its own metrics give the teacher row)")
     ap.add_argument("--out", default=None, help="folder for the runs (default outputs/paper-table/<stamp>)")
     args = ap.parse_args()
 
@@ -59,13 +72,16 @@ def main():
     extra = shlex.split(args.extra)
     started = time.time()
     if args.teacher:
-        teacher_ckpt = Path(args.teacher).resolve()
+        try:
+            teacher_ckpt = Path(resolve_pretrained(args.teacher)).resolve()
+        except KDError as e:
+            raise SystemExit(f"paper_table: error: {e}")
     else:
         teacher_ckpt = out / "teacher" / "checkpoint.pt"
         kd("train-teacher", f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra),
            f"hydra.run.dir={teacher_ckpt.parent}")
-    teacher = f"teacher={teacher_ckpt}"
-    rows = {"teacher": [read_job(teacher_ckpt.parent)],
+    teacher = f"teacher={PRETRAINED if args.teacher == PRETRAINED else teacher_ckpt}"
+    rows = {"teacher": [teacher_row(teacher_ckpt)],
             "student": sweep("train-student", out / "student", args.seeds, extra),
             "distilled": sweep("distill", out / "distilled", args.seeds,
                                [teacher, *shlex.split(args.distill_extra), *extra]),

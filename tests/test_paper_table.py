@@ -66,3 +66,57 @@ def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path):
     assert same.compare(tmp_path / "before" / "student", tmp_path / "after" / "student") == ""
     kd("train-student", "model.hidden=[16]", "epochs=1", "seed=1", f"hydra.run.dir={tmp_path / 'other' / 'student'}")
     assert same.compare(tmp_path / "before" / "student", tmp_path / "other" / "student") == "weights differ"
+
+
+def test_shipped_teacher_serves_teacher_pretrained_and_the_students_only_table(kd, tmp_path, tiny_root, monkeypatch):
+    import kd_cli.checkpoint
+
+    ship = load_script("ship_teacher")
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", "seed=3", f"hydra.run.dir={tmp_path / 'teacher'}")
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", "data.train_limit=300", f"hydra.run.dir={tmp_path / 'part'}")
+    kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'student'}")
+    shipped = tmp_path / "shipped"
+    for run, why in (("part", "part of the training set"), ("student", "not train-teacher"), ("nowhere", "not a finished run")):
+        try:
+            ship.ship(tmp_path / run, shipped, "abc123")
+            raise AssertionError(f"{run} was shipped")
+        except SystemExit as e:
+            assert why in str(e)
+    assert not shipped.exists()
+
+    record = ship.ship(tmp_path / "teacher", shipped, "abc123")
+    trained = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert (shipped / "teacher.pt").read_bytes() == (tmp_path / "teacher" / "checkpoint.pt").read_bytes()
+    assert record["command"] == "kd train-teacher 'model.hidden=[16]' epochs=1 seed=3"  # shell-quoted, pasteable
+    assert record["test_errors"] == trained["test_errors"] and str(trained["test_errors"]) in (shipped / "README.md").read_text()
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    try:  # the same teacher again is not better: nothing replaced
+        ship.ship(tmp_path / "teacher", shipped, "def456")
+        raise AssertionError("a teacher no better than the shipped one replaced it")
+    except SystemExit as e:
+        assert "not better" in str(e)
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+
+    # what ship wrote is what kd accepts as teacher=pretrained; the table then trains students only
+    monkeypatch.setattr(kd_cli.checkpoint, "pretrained_folder", lambda: shipped)
+    script, commands = load_script("paper_table"), []
+
+    def kd_command(cmd, check):
+        commands.append(cmd)
+        proc = run_in_process(cmd[1:], tmp_path, {"KD_DATA_ROOT": str(tiny_root)})
+        assert proc.returncode == 0, proc.stderr
+
+    monkeypatch.setattr(script.subprocess, "run", kd_command)
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--teacher", "pretrained",
+                                      "--extra", "epochs=1 model.hidden=[16]", "--out", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        script.main()
+    assert [c[1] for c in commands] == ["train-student", "distill", "distill"]
+    assert all("teacher=pretrained" in c for c in commands[1:])
+    table = json.loads((out / "table.json").read_text())
+    assert table["runs"]["teacher"] == [{"job": str(shipped / "teacher.pt"), "test_errors": trained["test_errors"], "seed": 3,
+                                         "train_seconds": trained["train_seconds"], "wall_seconds": trained["wall_seconds"]}]
+    for sub in ("distilled", "distilled-paper-setup"):
+        student = json.loads(next((out / sub).glob("0_*/metrics.json")).read_text())
+        assert student["teacher"]["sha256"] == record["sha256"]
