@@ -5,10 +5,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_in_process
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper_table.py"
@@ -72,31 +74,44 @@ def test_shipped_teacher_serves_teacher_pretrained_and_the_students_only_table(k
     import kd_cli.checkpoint
 
     ship = load_script("ship_teacher")
-    kd("train-teacher", "model.hidden=[16]", "epochs=1", "seed=3", f"hydra.run.dir={tmp_path / 'teacher'}")
-    kd("train-teacher", "model.hidden=[16]", "epochs=1", "data.train_limit=300", f"hydra.run.dir={tmp_path / 'part'}")
-    kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'student'}")
+    tiny = ["model.hidden=[16]", "epochs=1"]
+    kd("train-teacher", *tiny, "seed=3", f"hydra.run.dir={tmp_path / 'teacher'}")
+    kd("train-teacher", *tiny, "data.train_limit=300", f"hydra.run.dir={tmp_path / 'part'}")
+    kd("train-teacher", *tiny, "data.transfer.exclude=[3]", f"hydra.run.dir={tmp_path / 'no3'}")
+    kd("train-student", *tiny, f"hydra.run.dir={tmp_path / 'student'}")
+    shutil.copytree(tmp_path / "teacher", tmp_path / "mixed")  # another run's metrics beside the checkpoint
+    shutil.copy(tmp_path / "part" / "metrics.json", tmp_path / "mixed" / "metrics.json")
     shipped = tmp_path / "shipped"
-    for run, why in (("part", "part of the training set"), ("student", "not train-teacher"), ("nowhere", "not a finished run")):
-        try:
-            ship.ship(tmp_path / run, shipped, "abc123")
-            raise AssertionError(f"{run} was shipped")
-        except SystemExit as e:
-            assert why in str(e)
+    for run, why, paper_arch in (("part", "not trained on all", False), ("no3", "not trained on all", False),
+                                 ("student", "not train-teacher", False), ("nowhere", "not a finished run", False),
+                                 ("mixed", "not the same run", False), ("teacher", "not the paper's", True)):
+        with pytest.raises(SystemExit, match=why):
+            ship.ship(tmp_path / run, shipped, "abc123", "test box", paper_arch=paper_arch)
     assert not shipped.exists()
 
-    record = ship.ship(tmp_path / "teacher", shipped, "abc123")
+    record = ship.ship(tmp_path / "teacher", shipped, "abc123", "test box", paper_arch=False)
     trained = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     assert (shipped / "teacher.pt").read_bytes() == (tmp_path / "teacher" / "checkpoint.pt").read_bytes()
     assert record["command"] == "kd train-teacher 'model.hidden=[16]' epochs=1 seed=3"  # shell-quoted, pasteable
-    assert record["test_errors"] == trained["test_errors"] and str(trained["test_errors"]) in (shipped / "README.md").read_text()
+    assert f"**{trained['test_errors']} test errors** of {trained['test_total']}" in (shipped / "README.md").read_text()
+    assert json.loads((shipped / "teacher.json").read_text())["test_errors"] == trained["test_errors"]
     before = {p.name: p.read_bytes() for p in shipped.iterdir()}
-    try:  # the same teacher again is not better: nothing replaced
-        ship.ship(tmp_path / "teacher", shipped, "def456")
-        raise AssertionError("a teacher no better than the shipped one replaced it")
-    except SystemExit as e:
-        assert "not better" in str(e)
+    with pytest.raises(SystemExit, match="not better"):  # the same teacher again is not better: nothing replaced
+        ship.ship(tmp_path / "teacher", shipped, "def456", "test box", paper_arch=False)
     assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    worse = json.loads((shipped / "teacher.json").read_text())  # a shipped teacher one error worse is replaced
+    (shipped / "teacher.json").write_text(json.dumps({**worse, "test_errors": trained["test_errors"] + 1}))
+    ship.ship(tmp_path / "teacher", shipped, "def456", "test box", paper_arch=False)
+    assert json.loads((shipped / "teacher.json").read_text())["commit"] == "def456"
+    shutil.copy(tmp_path / "part" / "checkpoint.pt", shipped / "teacher.pt")  # a teacher.pt its record does not
+    with pytest.raises(SystemExit, match="no matching teacher.json"):       # describe: refused, never overwritten blind
+        ship.ship(tmp_path / "teacher", shipped, "ghi789", "test box", paper_arch=False)
+    (shipped / "teacher.json").unlink()
+    with pytest.raises(SystemExit, match="no matching teacher.json"):
+        ship.ship(tmp_path / "teacher", shipped, "ghi789", "test box", paper_arch=False)
 
+    ship.ship(tmp_path / "teacher", tmp_path / "shipped2", "abc123", "test box", paper_arch=False)
+    shipped = tmp_path / "shipped2"
     # what ship wrote is what kd accepts as teacher=pretrained; the table then trains students only
     monkeypatch.setattr(kd_cli.checkpoint, "pretrained_folder", lambda: shipped)
     script, commands = load_script("paper_table"), []
