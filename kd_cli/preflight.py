@@ -37,6 +37,9 @@ def _composition_message(stage, e):
     for msg in (text, cause):
         if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
+            if key == "experiment":  # the presets switch to a student's recipe (recipe=paper)
+                return (f"experiment= presets (conf/experiment/) are transfer sets for a student: kd distill or "
+                        f"kd train-student; kd {stage} trains on all of them")
             return f"unknown key '{key}' for kd {stage}; `kd {stage} --cfg job` lists the keys"
         if "not in 'SamplerConfig'" in msg or "GridSampler" in msg:
             return f"hparams_search samplers: tpe (the default), random, cmaes; for a grid, kd {stage} -m key=a,b,c"

@@ -105,6 +105,9 @@ def test_a_sweep_with_another_config_into_the_same_folder_is_refused_by_job(kd):
     (["train-student", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1"),
     (["train-student", "batch_size=0"], "batch_size must be an integer >= 1"),
     (["train-teacher", "model.max_norm=-2"], "model.max_norm must be"),
+    # a preset brings recipe=paper: a teacher would silently train 20 epochs of the student's recipe
+    (["train-teacher", "experiment=omit3"], "presets (conf/experiment/) are transfer sets for a student"),
+    (["train-specialists", "experiment=only78"], "presets (conf/experiment/) are transfer sets for a student"),
     (["evaluate", "checkpoint=x.pt", "bias_shift={3:nan}"], "bias_shift must be null or a map from digits to finite numbers"),
     (["evaluate", "checkpoint=x.pt", "fit_bias=[11]"], "fit_bias must be a list of digits"),
 ])
