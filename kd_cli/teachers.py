@@ -62,6 +62,10 @@ def load_model(path, device, data_name, role="checkpoint"):
     """(checkpoint dict, its model on `device`) for any kd checkpoint, refusing one trained on
     another data set or whose weights do not fit its architecture."""
     ckpt = check_model(load_checkpoint(path), path)
+    if ckpt.get("stage") == "train-specialists":  # its state_dict is the generalist alone
+        generalist = (ckpt.get("teacher") or {}).get("path", "the generalist it names")
+        raise KDError(f"{role} {path} is a generalist with specialists, which count only together (its "
+                      f"metrics.json has their test errors); as a single model pass the generalist: {generalist}")
     check_same_data(ckpt, path, data_name, role)
     model = build_mlp(ckpt["arch"])
     try:

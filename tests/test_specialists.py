@@ -89,3 +89,11 @@ def test_train_specialists_end_to_end(kd):
     ckpt = load_checkpoint(kd.cwd / "s" / "checkpoint.pt")
     assert [s["classes"] for s in ckpt["specialists"]] == m["subsets"]
     assert ckpt["specialists"][0]["arch"]["out_features"] == len(m["subsets"][0]) + 1
+    # its weights are the generalist alone: as one model (evaluate, a teacher) it would report the
+    # generalist's errors as if they were the combination's, so it is refused and the generalist named
+    specialists = kd.cwd / "s" / "checkpoint.pt"
+    for args in (["evaluate", f"checkpoint={specialists}"], ["distill", f"teacher={specialists}", "epochs=1"],
+                 ["train-specialists", f"generalist={specialists}"]):
+        proc = kd(*args, check=False)
+        assert proc.returncode == 2 and "generalist with specialists" in proc.stderr
+        assert str(kd.cwd / "g" / "checkpoint.pt") in proc.stderr
