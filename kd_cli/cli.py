@@ -101,6 +101,24 @@ def _task(stage):
     return task
 
 
+def _pin_newest_teacher(stage, overrides):
+    """`teacher` (distill) and `generalist` (train-specialists) left unset mean the newest teacher
+    under outputs/: find it once, now, and pass it as teacher=<path>. Left to each job, a sweep's
+    jobs could each take another teacher (one trained while the sweep ran, or before it was
+    continued), and its recorded overrides, its report and the continuation check would not show it."""
+    key = {"distill": "teacher", "train-specialists": "generalist"}.get(stage)
+    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    if key is None or typed.get(key, "null") not in ("null", ""):
+        return overrides
+    from .checkpoint import newest_checkpoint
+    from .teachers import TEACHER_STAGE
+
+    newest = newest_checkpoint("outputs", TEACHER_STAGE)
+    if newest is None:  # left unset: the stage says there is none, after the values are checked
+        return overrides
+    return [*(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key), f"{key}={newest.resolve()}"]
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -124,7 +142,10 @@ def main(argv=None):
     inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
     try:
         if not inspect_only:
+            resuming = any(o.startswith("resume=") for o in overrides)
             overrides = run.resume_overrides(stage, overrides)  # reads resume=<dir> as typed
+            if not resuming:
+                overrides = _pin_newest_teacher(stage, overrides)
         # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
         flags = [o for o in overrides if o in ("-m", "--multirun")]
         overrides = [*flags, *quote_paths(o for o in overrides if o not in flags)]

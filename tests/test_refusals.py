@@ -73,6 +73,27 @@ def test_an_interrupted_sweep_continues_with_one_command(kd):
     assert "3 jobs: 3 done" in kd("report", str(sweep)).stdout
 
 
+def test_a_sweep_without_teacher_keeps_the_teacher_that_was_newest_when_it_started(kd):
+    """`teacher` unset means the newest teacher: found once, at launch, and recorded as teacher=, so
+    a teacher trained while the sweep is stopped neither joins it nor goes unseen."""
+    kd("train-teacher", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 'outputs' / 'train-teacher' / 'a'}")
+    sweep = kd.cwd / "sweep"
+    proc = kd("distill", "-m", "T=2,5", *SMALL, "epochs=2", f"hydra.sweep.dir={sweep}",
+              extra_env=stop_at(2, 2), check=False)  # job 0 stops in its epoch 2
+    assert proc.returncode == 130, proc.stderr
+    kd("train-teacher", *SMALL, "epochs=1", "seed=1", f"hydra.run.dir={kd.cwd / 'outputs' / 'train-teacher' / 'b'}")
+    kd("distill", f"resume={sweep}")
+    first = str(kd.cwd / "outputs" / "train-teacher" / "a" / "checkpoint.pt")
+    jobs = sorted(sweep.glob("[0-9]_*"))
+    assert len(jobs) == 2
+    assert [json.loads((job / "metrics.json").read_text())["teacher"]["path"] for job in jobs] == [first, first]
+    assert all(f"teacher={first}" in (job / ".hydra" / "overrides.yaml").read_text() for job in jobs)
+    before = snapshot(sweep)  # the same command again now names the newer teacher: refused, not mixed
+    proc = kd("distill", "-m", "T=2,5", *SMALL, "epochs=2", f"hydra.sweep.dir={sweep}", check=False)
+    refused(proc, "teacher=", "choose a new hydra.sweep.dir")
+    assert snapshot(sweep) == before
+
+
 def test_a_sweep_with_another_config_into_the_same_folder_is_refused_by_job(kd):
     for name, hidden in (("t1", 24), ("t2", 32)):
         kd("train-teacher", f"model.hidden=[{hidden}]", "epochs=1", f"hydra.run.dir={kd.cwd / name}")
