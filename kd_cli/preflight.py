@@ -165,7 +165,9 @@ def check_overrides(stage, config_name, overrides):
                                                  lambda job: OmegaConf.to_container(compose(config_name, overrides=job)))
             else:
                 run.check_writable(cfg.hydra.run.dir)
-                if not cfg.get("resume"):
+                if cfg.get("resume"):
+                    run.check_resume_config(cfg.resume, OmegaConf.to_container(compose(config_name, overrides=single)))
+                else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
     except KDError:
         raise

@@ -188,6 +188,19 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
                           f"{key}={now!r}; {again}")
 
 
+def check_resume_config(run_dir, config_now):
+    """A stopped run continues only with the config it started with: the same command composes
+    another config once a config file (a recipe's epochs, lr, T) has changed since, and the rest of
+    the run would silently train with it."""
+    _, config = recorded_config(run_dir)
+    differs = _first_difference({k: v for k, v in config_now.items() if k != "resume"},
+                                {k: v for k, v in config.items() if k != "resume"})
+    if differs:
+        key, now, then = differs
+        raise KDError(f"{run_dir} started with {key}={then!r}, and its command now gives {key}={now!r} (a config "
+                      "file changed since); restore it to resume, or start a new run")
+
+
 def start(out_dir, resume=None):
     """Before a stage trains in out_dir: remove what a killed write left there, and return the
     state.pt to continue (resume=) or None for a new run, which must find no run's state or

@@ -114,6 +114,20 @@ def test_resume_refuses_what_it_cannot_continue(kd, untouched):
     assert proc.returncode == 2 and "is a train-teacher run" in proc.stderr
 
 
+def test_resume_refuses_a_config_that_changed_since_the_run_started(kd):
+    """The same command composes another config once a recipe file has changed; a stopped run
+    continues only with the config it started with. A changed file is played here by the run's own
+    record of what it started with (.hydra/config.yaml), which is what the check reads."""
+    run_dir = kd.cwd / "stopped"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    record = run_dir / ".hydra" / "config.yaml"
+    record.write_text(record.read_text().replace("lr: 0.3\n", "lr: 0.5\n"))
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    proc = kd(RUN[0], f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "started with lr=0.5, and its command now gives lr=0.3" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
 def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"stage": "s", "arch": {}, "state_dict": {"w": torch.ones(3)}})
