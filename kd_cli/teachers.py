@@ -34,6 +34,7 @@ def resolve_teacher(teacher, outputs="outputs"):
             raise KDError(f"teacher must be a checkpoint path or a list of them, got {teacher!r}")
         path = Path(resolve_pretrained(item)).expanduser()
         if path.is_dir():
+            _check_whole_sweep(path)
             found = sorted([*path.glob("checkpoint.pt"), *path.glob("*/checkpoint.pt")])
             if not found:
                 raise KDError(f"no checkpoint.pt in the teacher folder {path} or its job folders")
@@ -45,6 +46,25 @@ def resolve_teacher(teacher, outputs="outputs"):
     if not paths:
         raise KDError("teacher=[] names no checkpoint")
     return paths
+
+
+def _check_whole_sweep(folder):
+    """A sweep folder as teacher= is an ensemble of all its jobs: refused while a job is missing (it
+    failed, stopped or never started: the ensemble would silently be smaller), and for a search,
+    whose trials are candidates to choose from, not members."""
+    if not (folder / "multirun.yaml").is_file():
+        return
+    from .report import rows_of
+    from .run import is_search
+
+    if is_search(OmegaConf.load(folder / "multirun.yaml").hydra):
+        raise KDError(f"{folder} is a search: its trials are candidates, not an ensemble; pass the chosen "
+                      f"trial's checkpoint.pt (kd report {folder} names the best by validation)")
+    missing = [r for r in rows_of([folder]) if r["status"] != "done"]
+    if missing:
+        raise KDError(f"teacher folder {folder}: {len(missing)} job(s) did not finish ({Path(missing[0]['job']).name}: "
+                      f"{missing[0]['status']}); finish the sweep (resume={folder}) or pass the checkpoints to use "
+                      "as a list")
 
 
 def trained_on(ckpt):

@@ -78,6 +78,19 @@ def test_distill_from_a_seed_sweep_of_teachers_and_evaluate_the_ensemble(kd):
     assert set(e["ensemble_test_errors"]) == {"arithmetic", "geometric"}
     kd("distill", f"teacher={ckpts[0]}", "loss=logit_mse", "model.hidden=[16]", "epochs=2",
        f"hydra.run.dir={kd.cwd / 'matching'}")
+    # a sweep with a job missing would be a smaller ensemble than asked for; a search is no ensemble
+    stopped = kd.cwd / "stopped"
+    kd("train-teacher", "-m", "epochs=1,2", "model.hidden=[32]", f"hydra.sweep.dir={stopped}",
+       extra_env={"KD_TEST_SIGNAL_AT": "SIGINT@2:0"}, check=False)  # job 0 finishes, job 1 stops in epoch 2
+    assert len(list(stopped.glob("*/checkpoint.pt"))) == 1
+    search = kd.cwd / "search"
+    shutil.copytree(sweep, search)
+    record = search / "multirun.yaml"
+    record.write_text(record.read_text().replace("hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                                 "hydra_plugins.kd_search.KdSearch"))
+    for folder, says in ((stopped, "1 job(s) did not finish (1_"), (search, "is a search")):
+        proc = kd("distill", f"teacher={folder}", "model.hidden=[16]", "epochs=1", check=False)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
     assert metrics(kd.cwd / "matching")["loss"] == "logit_mse"
 
 
