@@ -68,22 +68,37 @@ def split_validation(x, y, val_size, seed=0):
     return x[keep], y[keep], x[val], y[val]
 
 
-def jitter(images, max_shift):
-    """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
-    axis, filling with zeros. Batched on the images' device with the global torch RNG (a seed
-    fixes it): one slice-and-copy per possible shift, not one Python step per image."""
-    if max_shift <= 0:
-        return images
+def draw_shifts(n, max_shift, device):
+    """One random shift per image, as a code k in [0, (2 max_shift + 1)^2): k = row * side + column
+    of the shifted image's window in the zero-padded image (k = side * max_shift + max_shift is no
+    shift). Drawn from the global torch RNG, so a seed fixes it."""
+    side = 2 * max_shift + 1
+    return torch.randint(0, side * side, (n,), device=device)
+
+
+def shift_images(images, shifts, max_shift):
+    """Each image [N, H, W] moved by its code in `shifts` (see draw_shifts), zeros filling in where
+    it moves away: one slice-and-copy per possible shift, not one Python step per image."""
     n, h, w = images.shape
     side = 2 * max_shift + 1
-    padded = F.pad(images, (max_shift,) * 4)  # zeros come into view where an image moves away
-    shift = torch.randint(0, side * side, (n,), device=images.device)
+    padded = F.pad(images, (max_shift,) * 4)
     out = torch.empty_like(images)
     for k in range(side * side):
         dy, dx = divmod(k, side)
-        idx = (shift == k).nonzero().squeeze(1)
+        idx = (shifts == k).nonzero().squeeze(1)
         out[idx] = padded[idx, dy:dy + h, dx:dx + w]
     return out
+
+
+def jitter(images, max_shift, shifts=None):
+    """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
+    axis, filling with zeros: the codes in `shifts` (draw_shifts'), or new ones drawn when None.
+    max_shift 0 returns the images themselves."""
+    if max_shift <= 0:
+        return images
+    if shifts is None:
+        shifts = draw_shifts(images.shape[0], max_shift, images.device)
+    return shift_images(images, shifts, max_shift)
 
 
 def transfer_set(x, y, exclude=(), include=None, fraction=1.0, seed=0, num_classes=10):

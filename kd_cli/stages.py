@@ -16,7 +16,7 @@ from .evaluate import bias_correction, count_errors, predict_logits
 from .losses import distillation_loss, hard_label_loss, logit_matching_loss
 from .prepare import data_of, device_of, errors_fn, model_of, recipe_of
 from .specialists import covariance_clusters, evaluate_combination, train_specialist
-from .teachers import SoftTargets, combine_log_probs, load_model, load_teacher, resolve_teacher
+from .teachers import SoftTargets, caches_shifts, combine_log_probs, load_model, load_teacher, resolve_teacher
 from .train import Diverged, train
 
 
@@ -84,9 +84,11 @@ def distill(cfg, out_dir):
     train_x, train_y = data[0], data[1]
     teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name) for p in paths))
     T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss
-    # an unaugmented transfer set: the teachers run once; a jittered one: on every batch
-    targets = SoftTargets(teachers, T, kind, cfg.teacher_combine, batch_size=int(cfg.eval_batch_size),
-                          cache_on=train_x if int(cfg.data.jitter) == 0 else None)
+    # the teachers run once, before training (over the transfer set, or each of its shifted
+    # copies), or on every jittered batch in a run too short for the copies to pay
+    shift = int(cfg.data.jitter)
+    targets = SoftTargets(teachers, T, train_x, kind, cfg.teacher_combine, max_shift=shift,
+                          per_batch=not caches_shifts(int(cfg.epochs), shift), batch_size=int(cfg.eval_batch_size))
     del teachers  # SoftTargets holds them as long as it needs them
     if kind == "logit_mse":
         loss_fn = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
@@ -102,7 +104,7 @@ def distill(cfg, out_dir):
                                loss_fn, extra, state, targets=targets,
                                teacher=record[0] if len(record) == 1 else record)
     except Diverged as e:
-        teacher_ok = bool(torch.isfinite(targets(torch.arange(min(1000, len(train_x))), train_x[:1000])).all())
+        teacher_ok = targets.finite(train_x)
         raise Diverged(f"{e}" + ("" if teacher_ok else "; the teacher's outputs are not finite: check the teacher")
                        + (f" (the soft term at T={T:g} has weight {1 - alpha:g} x T^2)" if kind == "kd" else "")) from None
 

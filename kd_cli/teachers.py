@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import check_model, load_checkpoint, newest_checkpoint, resolve_pretrained, sha256_of
 from .config import COMBINE
+from .data import shift_images
 from .errors import KDError
 from .losses import soft_targets
 from .models import build_mlp
@@ -122,25 +123,44 @@ def combine_log_probs(log_probs, how):
 
 @torch.no_grad()
 def teacher_logits(model, x, batch_size=10000):
-    """Logits of the teacher over the (unaugmented) transfer set: computed once, not per batch.
-    no_grad rather than inference_mode: the soft targets are saved for the student's backward."""
+    """Logits of the teacher over a whole (transfer) set, in chunks of batch_size. no_grad rather than inference_mode: the soft targets are saved for the student's backward."""
     model.eval()
     return torch.cat([model(chunk) for chunk in x.split(batch_size)])
+
+
+def caches_shifts(epochs, max_shift):
+    """Whether a run of `epochs` on a transfer set jittered by up to max_shift px runs its teachers
+    once over every shifted copy of the set ((2 max_shift + 1)^2 passes, before training) rather
+    than on each batch (one pass an epoch): whichever runs them fewer times."""
+    return max_shift > 0 and epochs >= (2 * max_shift + 1) ** 2
 
 
 class SoftTargets:
     """What a distilled student matches, batch by batch: the teachers' combined log-probabilities
     at T (loss=kd), or their mean logit (loss=logit_mse). The teachers run in eval mode and outside
-    autograd: once over the whole transfer set when it is not augmented (`cache_on`), else on each
-    (jittered) batch exactly as the student sees it. Called as targets(idx, xb): idx are the
-    batch's indices into the transfer set, xb its images."""
+    autograd. Without jitter they run once, over the transfer set `x`. With a transfer set jittered
+    by up to `max_shift` px they run either on each batch as the student sees it (`per_batch`) or,
+    once, over each of the set's (2 max_shift + 1)^2 shifted copies (25 at 2 px: 60 MB for MNIST),
+    instead of once an epoch (60 times in the default recipe): see caches_shifts. Called as
+    targets(idx, xb, shifts): the batch's indices into the transfer set, its images as the student
+    sees them, and their jitter codes (data.draw_shifts; None without jitter)."""
 
-    def __init__(self, teachers, T, kind="kd", combine="arithmetic", cache_on=None, batch_size=10000):
+    def __init__(self, teachers, T, x, kind="kd", combine="arithmetic", max_shift=0, per_batch=False,
+                 batch_size=10000):
         self.teachers, self.T, self.kind, self.combine = list(teachers), float(T), kind, combine
-        self.batch_size, self.cached = batch_size, None
-        if cache_on is not None:
-            self.cached = self.of(cache_on)
-            self.teachers = []  # never run again: let their memory go
+        self.batch_size, self.max_shift = batch_size, int(max_shift)
+        self.per_batch, self.cached = per_batch and self.max_shift > 0, None
+        if self.per_batch:
+            return
+        if self.max_shift == 0:
+            self.cached = self.of(x)  # [N, C]
+        else:
+            codes = (2 * self.max_shift + 1) ** 2
+            same = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+            # [codes, N, C]: row k holds the targets of every image moved by code k
+            self.cached = torch.stack([self.of(shift_images(x, same.fill_(k), self.max_shift))
+                                       for k in range(codes)])
+        self.teachers = []  # never run again: let their memory go
 
     def of(self, x):
         logits = [teacher_logits(t, x, self.batch_size) for t in self.teachers]
@@ -150,5 +170,15 @@ class SoftTargets:
             return soft_targets(logits[0], self.T)
         return combine_log_probs(torch.stack([soft_targets(v, self.T) for v in logits]), self.combine)
 
-    def __call__(self, idx, xb):
-        return self.cached[idx] if self.cached is not None else self.of(xb)
+    def __call__(self, idx, xb, shifts=None):
+        if self.per_batch:
+            return self.of(xb)
+        if self.max_shift == 0:
+            return self.cached[idx]
+        if shifts is None:
+            raise ValueError("a jittered transfer set's cached targets need each image's shift code")
+        return self.cached[shifts, idx]
+
+    def finite(self, x):
+        """Whether the teachers' outputs are finite (on the first images of x when per batch)."""
+        return bool(torch.isfinite(self.of(x[:1000]) if self.per_batch else self.cached).all())

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SCHEDULES
-from .data import jitter
+from .data import draw_shifts, jitter
 from .errors import KDError
 from .averaging import WeightAverage
 from .models import apply_max_norm_
@@ -143,8 +143,9 @@ def set_rng_state(state, device):
 def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, evaluate=None,
           desc="train", state_path=None, state_extra=None):
     """Train `model` in place on images x [N, 28, 28] with labels y [N] (None for an unlabeled
-    transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx,
-    xb)`: what it must match on the batch of images idx, seen (jittered) as xb. Each step calls
+    transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx, xb,
+    shifts)`: what it must match on the batch of images idx, seen as xb, each image moved by its
+    jitter code in shifts (None without jitter; data.draw_shifts). Each step calls
     loss_fn(logits, labels or None, targets or None). Before the first epoch and after each one
     `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the untrained
     model) and shown on the bar.
@@ -200,7 +201,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             rng_epoch = rng_state(device)  # what re-creates this epoch's shuffle and jitter
             # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
             perm = torch.randperm(n, device=device)
-            xe = jitter(x[perm], jitter_pixels)
+            shifts = draw_shifts(n, jitter_pixels, device) if jitter_pixels > 0 else None
+            xe = jitter(x[perm], jitter_pixels, shifts)
             ye = None if y is None else y[perm]
             if mid_epoch:  # stopped mid-epoch: continue at the batch it stopped before
                 set_rng_state(state["rng"], device)
@@ -218,7 +220,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
                 xb = xe[s]
-                tb = None if targets is None else targets(perm[s], xb)
+                tb = None if targets is None else targets(perm[s], xb, None if shifts is None else shifts[s])
                 with autocast:  # bf16: the matrix multiplies in bfloat16, the weights stay float32
                     z = model(xb)
                 # the loss (softmaxes, logs, T) in float32 on the logits; a no-op for fp32

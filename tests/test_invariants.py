@@ -84,19 +84,22 @@ def combined(log_ps, how):
     return (g / g.sum(1, keepdim=True)).log()
 
 
-@pytest.mark.parametrize("jitter", [0, 2])  # the cached targets and the per-batch teacher
+# the three ways targets are made: cached over the set, per jittered batch (a run shorter than the
+# shifts), cached over every shifted copy (1 px: 9 copies, so a run of 9 epochs caches them)
+@pytest.mark.parametrize("jitter,epochs", [(0, 2), (2, 2), (1, 9)])
 @pytest.mark.parametrize("how", ["one", "arithmetic", "geometric"])
 def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two_teachers, forwards,
-                                                                         soft_targets_seen, jitter, how):
+                                                                         soft_targets_seen, jitter, epochs, how):
     paths = two_teachers[:1 if how == "one" else 2]
     T = 3.0
     arg = f"teacher={paths[0]}" if how == "one" else f"teacher=[{paths[0]},{paths[1]}]"
     kd("distill", arg, f"teacher_combine={'arithmetic' if how == 'one' else how}", f"T={T}", f"data.jitter={jitter}",
-       f"model.hidden=[{STUDENT}]", "epochs=2", "batch_size=100", "alpha=0.5", f"hydra.run.dir={kd.cwd / 'd'}")
+       f"model.hidden=[{STUDENT}]", f"epochs={epochs}", "batch_size=100", "alpha=0.5", f"hydra.run.dir={kd.cwd / 'd'}")
     teacher_calls = [f for f in forwards if f[0] == TEACHER]
     assert teacher_calls and all(not training and not grad for _, training, grad, _ in teacher_calls)
     student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
-    assert len(student_steps) == len(soft_targets_seen) == 2 * 6  # 600 images, batch 100, 2 epochs
+    assert len(student_steps) == len(soft_targets_seen) == epochs * 6  # 600 images, batch 100
+    assert (len(teacher_calls) > len(paths) * epochs) == (jitter == 2)  # only per batch runs them each step
     for xb, (log_p, t) in zip(student_steps, soft_targets_seen):
         assert t == T
         want = [torch.log_softmax(plain_logits(p, xb) / T, 1) for p in paths]

@@ -81,14 +81,25 @@ def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
             seen.append(xb.clone())
             return super().forward(xb)
 
+    def moved(image, code):  # a plain shift, one image at a time: code = 5 * (dy + 2) + (dx + 2)
+        dy, dx = code // 5 - 2, code % 5 - 2
+        out = torch.zeros_like(image)
+        for r in range(28):
+            for c in range(28):
+                if 0 <= r + dy < 28 and 0 <= c + dx < 28:
+                    out[r, c] = image[r + dy, c + dx]
+        return out
+
     def loss_fn(z, yb, target):
-        sums, idx = target
+        sums, idx, shifts = target
         torch.testing.assert_close(sums, seen[-1].flatten(1).sum(1))
         assert torch.equal(yb, y[idx])  # the labels and the indices are of the same images
+        # the codes the targets are told are the shifts the model saw, image by image
+        assert torch.equal(seen[-1], torch.stack([moved(x[i], int(k)) for i, k in zip(idx, shifts)]))
         return torch.nn.functional.cross_entropy(z, yb)
 
     train(Recorder(hidden=[8]), x, y, loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
-          jitter_pixels=2, targets=lambda idx, xb: (xb.flatten(1).sum(1), idx))
+          jitter_pixels=2, targets=lambda idx, xb, shifts: (xb.flatten(1).sum(1), idx, shifts))
     assert len(seen) == 8
 
 
@@ -115,7 +126,7 @@ def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
     if stop_during == "evaluation":
         kw["evaluate"] = lambda m: (signal_once(m), {"test_errors": 0})[1]
     else:
-        kw["targets"] = lambda idx, xb: signal_once(xb)
+        kw["targets"] = lambda idx, xb, shifts: signal_once(xb)
     with pytest.raises(Interrupted):
         fit(0, epochs=4, **kw)
     resumed, out = fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"})
