@@ -157,9 +157,11 @@ class SoftTargets:
         else:
             codes = (2 * self.max_shift + 1) ** 2
             same = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-            # [codes, N, C]: row k holds the targets of every image moved by code k
-            self.cached = torch.stack([self.of(shift_images(x, same.fill_(k), self.max_shift))
-                                       for k in range(codes)])
+            for k in range(codes):  # row k: the targets of every image moved by code k, filled in place
+                row = self.of(shift_images(x, same.fill_(k), self.max_shift))
+                if self.cached is None:
+                    self.cached = row.new_empty((codes, *row.shape))
+                self.cached[k] = row
         self.teachers = []  # never run again: let their memory go
 
     def of(self, x):
@@ -174,6 +176,8 @@ class SoftTargets:
         if self.per_batch:
             return self.of(xb)
         if self.max_shift == 0:
+            if shifts is not None:  # the loop jitters a set whose targets were made unshifted
+                raise ValueError("targets made for an unjittered transfer set were asked for shifted images")
             return self.cached[idx]
         if shifts is None:
             raise ValueError("a jittered transfer set's cached targets need each image's shift code")

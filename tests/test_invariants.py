@@ -112,6 +112,21 @@ def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two
         assert load_checkpoint(p)["metrics"]["stage"] == "train-teacher"
 
 
+@pytest.mark.parametrize("jitter,epochs", [(2, 2), (1, 9)])  # per batch, and cached over the copies
+def test_logit_matching_matches_the_eval_mode_teachers_logits_on_its_own_batch(kd, two_teachers, forwards,
+                                                                             monkeypatch, jitter, epochs):
+    from kd_cli import stages
+
+    seen, real = [], stages.logit_matching_loss
+    monkeypatch.setattr(stages, "logit_matching_loss", lambda z, y, v, a: (seen.append(v.clone()), real(z, y, v, a))[1])
+    kd("distill", f"teacher={two_teachers[0]}", "loss=logit_mse", f"data.jitter={jitter}", f"epochs={epochs}",
+       f"model.hidden=[{STUDENT}]", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
+    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
+    assert len(student_steps) == len(seen) == epochs * 6
+    for xb, v in zip(student_steps, seen):
+        torch.testing.assert_close(v.double(), plain_logits(two_teachers[0], xb), atol=1e-4, rtol=1e-4)
+
+
 def member(path, seed, scale):
     """A random 784-16-10 checkpoint whose logits are scaled: confident members make the
     arithmetic and geometric combinations disagree."""
