@@ -113,3 +113,33 @@ def test_pretrained_is_the_shipped_teacher_checked_by_its_sha256(kd, tmp_path, m
     refused = kd("distill", "teacher=pretrained", "model.hidden=[16]", "epochs=1", check=False)
     assert refused.returncode == 2 and "does not match its sha256" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_shipped_teacher_is_what_its_record_says(tmp_path):
+    """pretrained/ as committed: teacher.pt has the digest kd checks and teacher.json records, is the
+    paper's float32 784-1200-1200-10, and, where the real MNIST is at hand ($KD_DATA_ROOT), makes
+    exactly the test errors its record claims, counted here by a plain forward of its weights."""
+    import json
+
+    from kd_cli.checkpoint import pretrained_folder, sha256_of
+    from kd_cli.data import load_mnist
+
+    shipped = pretrained_folder()
+    if not (shipped / "teacher.pt").exists():
+        pytest.skip("no teacher ships with this copy")
+    record = json.loads((shipped / "teacher.json").read_text())
+    digest = sha256_of(shipped / "teacher.pt")
+    assert (shipped / "teacher.sha256").read_text().split()[0] == digest == record["sha256"]
+    ckpt = load_checkpoint(shipped / "teacher.pt")
+    assert ckpt["stage"] == "train-teacher" and ckpt["arch"]["hidden"] == [1200, 1200]
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+    assert ckpt["metrics"]["test_errors"] == record["test_errors"]
+    root = os.environ.get("KD_DATA_ROOT")
+    if not root or not (os.path.isdir(os.path.join(root, "MNIST", "raw"))):
+        return
+    _, _, x, y = load_mnist(root, download=False, device=torch.device("cpu"))
+    w, h = ckpt["state_dict"], x.flatten(1).double()
+    for i in (0, 1):
+        h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
+    logits = h @ w["out.weight"].double().T + w["out.bias"].double()
+    assert int((logits.argmax(1) != y).sum()) == record["test_errors"]
