@@ -90,15 +90,12 @@ def shift_images(images, shifts, max_shift):
     return out
 
 
-def jitter(images, max_shift, shifts=None):
+def jitter(images, max_shift):
     """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
-    axis, filling with zeros: the codes in `shifts` (draw_shifts'), or new ones drawn when None.
-    max_shift 0 returns the images themselves."""
+    axis, filling with zeros (draw_shifts, then shift_images). max_shift 0 returns the images."""
     if max_shift <= 0:
         return images
-    if shifts is None:
-        shifts = draw_shifts(images.shape[0], max_shift, images.device)
-    return shift_images(images, shifts, max_shift)
+    return shift_images(images, draw_shifts(images.shape[0], max_shift, images.device), max_shift)
 
 
 def transfer_set(x, y, exclude=(), include=None, fraction=1.0, seed=0, num_classes=10):

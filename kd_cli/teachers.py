@@ -123,7 +123,8 @@ def combine_log_probs(log_probs, how):
 
 @torch.no_grad()
 def teacher_logits(model, x, batch_size=10000):
-    """Logits of the teacher over a whole (transfer) set, in chunks of batch_size. no_grad rather than inference_mode: the soft targets are saved for the student's backward."""
+    """Logits of the teacher over a whole (transfer) set, in chunks of batch_size. no_grad rather
+    than inference_mode: the soft targets are saved for the student's backward."""
     model.eval()
     return torch.cat([model(chunk) for chunk in x.split(batch_size)])
 

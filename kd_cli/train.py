@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SCHEDULES
-from .data import draw_shifts, jitter
+from .data import draw_shifts, shift_images
 from .errors import KDError
 from .averaging import WeightAverage
 from .models import apply_max_norm_
@@ -202,7 +202,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
             perm = torch.randperm(n, device=device)
             shifts = draw_shifts(n, jitter_pixels, device) if jitter_pixels > 0 else None
-            xe = jitter(x[perm], jitter_pixels, shifts)
+            xe = x[perm] if shifts is None else shift_images(x[perm], shifts, jitter_pixels)
             ye = None if y is None else y[perm]
             if mid_epoch:  # stopped mid-epoch: continue at the batch it stopped before
                 set_rng_state(state["rng"], device)

@@ -111,3 +111,17 @@ def kd(tmp_path, tiny_root):
 
     run.process, run.cwd, run.root = process, tmp_path, tiny_root
     return run
+
+
+def plain_logits(checkpoint, x):
+    """A checkpoint's logits in eval mode, in float64, from its weights alone (no kd code)."""
+    import torch
+
+    from kd_cli.checkpoint import load_checkpoint
+
+    w = load_checkpoint(checkpoint)["state_dict"]
+    h = x.flatten(1).double()
+    layers = sorted({k.split(".")[1] for k in w if k.startswith("hidden.")}, key=int)
+    for i in layers:
+        h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
+    return h @ w["out.weight"].double().T + w["out.bias"].double()

@@ -8,6 +8,8 @@ import torch
 from kd_cli.checkpoint import FORMAT_VERSION, load_checkpoint, newest_checkpoint, save_checkpoint
 from kd_cli.errors import KDError
 
+from conftest import plain_logits
+
 
 def payload():
     return {"stage": "train-student", "arch": {"hidden": [4], "in_features": 784, "out_features": 10},
@@ -138,8 +140,5 @@ def test_the_shipped_teacher_is_what_its_record_says(tmp_path):
     if not root or not (os.path.isdir(os.path.join(root, "MNIST", "raw"))):
         return
     _, _, x, y = load_mnist(root, download=False, device=torch.device("cpu"))
-    w, h = ckpt["state_dict"], x.flatten(1).double()
-    for i in (0, 1):
-        h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
-    logits = h @ w["out.weight"].double().T + w["out.bias"].double()
+    logits = plain_logits(shipped / "teacher.pt", x)
     assert int((logits.argmax(1) != y).sum()) == record["test_errors"]

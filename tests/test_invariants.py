@@ -13,19 +13,9 @@ from kd_cli.data import load_mnist
 from kd_cli.models import MLP
 from kd_cli.prepare import native_bf16
 
-from conftest import run_in_process
+from conftest import plain_logits, run_in_process
 
 STUDENT, TEACHER = 16, 24  # hidden widths: a forward is the student's or the teacher's by its width
-
-
-def plain_logits(checkpoint, x):
-    """A checkpoint's logits in eval mode, in float64, from its weights alone (no kd code)."""
-    w = load_checkpoint(checkpoint)["state_dict"]
-    h = x.flatten(1).double()
-    layers = sorted({k.split(".")[1] for k in w if k.startswith("hidden.")}, key=int)
-    for i in layers:
-        h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
-    return h @ w["out.weight"].double().T + w["out.bias"].double()
 
 
 @pytest.fixture
