@@ -4,7 +4,7 @@
     python scripts/transfer_experiments.py only78       # only 7s and 8s; their biases shifted
     python scripts/transfer_experiments.py little_data  # 3% of the data: hard labels vs soft targets
     python scripts/transfer_experiments.py width_vs_T   # T in 1..20 for students of 800, 300, 30 units
-    python scripts/transfer_experiments.py all --teacher outputs/train-teacher/<stamp>/checkpoint.pt
+    python scripts/transfer_experiments.py all --teacher pretrained   # or outputs/train-teacher/<stamp>/checkpoint.pt
 
 Runs the installed `kd` (the experiment= presets of conf/experiment/ and one `kd distill -m` sweep)
 into outputs/transfer/<stamp>/<experiment>/, and writes each experiment's Markdown table, paper
@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from kd_cli.checkpoint import PRETRAINED
 from kd_cli.report import rows_of
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
@@ -128,12 +129,15 @@ EXPERIMENTS = {"omit3": omit3, "only78": only78, "little_data": little_data, "wi
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiments", nargs="+", choices=[*EXPERIMENTS, "all"])
-    ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: kd's newest teacher)")
+    ap.add_argument("--teacher", default=None,
+                    help="teacher checkpoint, or `pretrained` (the teacher kd ships; default: kd's newest teacher)")
     ap.add_argument("--extra", default="", help="overrides added to every run")
     ap.add_argument("--out", default=None, help="default outputs/transfer/<stamp>")
     args = ap.parse_args()
     out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    teacher = [f"teacher={Path(args.teacher).resolve()}"] if args.teacher else []
+    # `pretrained` is kd's own name for the shipped teacher, not a path under the current folder
+    teacher = [] if not args.teacher else [
+        f"teacher={args.teacher if args.teacher == PRETRAINED else Path(args.teacher).resolve()}"]
     names = list(EXPERIMENTS) if "all" in args.experiments else args.experiments
     for name in names:
         started = time.time()

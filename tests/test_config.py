@@ -30,6 +30,8 @@ def test_teacher_and_student_defaults_match_the_paper():
     assert list(s.model.hidden) == [800, 800] and s.model.max_norm is None and s.data.jitter == 0
     d = composed("distill", "recipe=paper")  # the paper's setup
     assert d.T == 20 and d.alpha == 0.1 and d.teacher is None and d.data.jitter == 0 and d.epochs == s.epochs
+    # at the student's own peak lr the T=20 soft term diverged (docs/recipe_search.md, session 5)
+    assert d.lr < s.lr and composed("distill", "experiment=only78").lr == d.lr
 
 
 def test_distill_default_recipe_and_overrides_win():

@@ -135,3 +135,23 @@ def test_shipped_teacher_serves_teacher_pretrained_and_the_students_only_table(k
     for sub in ("distilled", "distilled-paper-setup"):
         student = json.loads(next((out / sub).glob("0_*/metrics.json")).read_text())
         assert student["teacher"]["sha256"] == record["sha256"]
+
+
+def test_transfer_script_names_the_shipped_teacher_and_resolves_paths(monkeypatch, tmp_path):
+    """`--teacher pretrained` reaches kd as kd's own name (not as ./pretrained, a folder of the
+    checkout); any other teacher as an absolute path, so the runs find it from their own folders."""
+    script, seen = load_script("transfer_experiments"), []
+
+    class Stop(Exception):
+        pass
+
+    def first_run(stage, run_dir, *overrides):
+        seen.append(overrides)
+        raise Stop  # the first command is all this test needs
+    monkeypatch.setattr(script, "kd", first_run)
+    monkeypatch.chdir(tmp_path)
+    for given, expected in (("pretrained", "teacher=pretrained"), ("t/checkpoint.pt", f"teacher={tmp_path / 't' / 'checkpoint.pt'}")):
+        monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "only78", "--teacher", given, "--out", str(tmp_path / "o")])
+        with pytest.raises(Stop):
+            script.main()
+        assert expected in seen[-1]
