@@ -37,7 +37,9 @@ def test_teacher_and_student_defaults_match_the_paper():
 def test_distill_default_recipe_and_overrides_win():
     d = composed("distill")  # the validation-chosen recipe: T=5 on a jittered transfer set
     assert d.T == 5 and d.data.jitter == 2 and d.epochs == 60 and d.alpha == 0.1
-    assert d.lr == composed("train-student").lr  # otherwise the student's optimizer recipe
+    s = composed("train-student")  # otherwise the student's optimizer recipe, at the paper setup's lower lr
+    assert d.lr < s.lr and d.lr == composed("distill", "recipe=paper").lr and d.batch_size == s.batch_size
+    assert d.optim == s.optim
     d = composed("distill", "T=20", "data.jitter=0", "epochs=7")
     assert d.T == 20 and d.data.jitter == 0 and d.epochs == 7
 
