@@ -145,6 +145,12 @@ def resolve_pretrained(path):
     return ckpt
 
 
+def teacher_override(path):
+    """The `teacher=` value naming this teacher to a kd run started from any folder: `pretrained`
+    stays kd's name for the shipped one (not ./pretrained); any other path becomes absolute."""
+    return PRETRAINED if str(path) == PRETRAINED else str(Path(path).resolve())
+
+
 def newest_checkpoint(outputs, stage):
     """The most recently written checkpoint.pt of `stage` under outputs/ (single runs and sweeps)."""
     outputs = Path(outputs)

@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kd_cli.checkpoint import PRETRAINED, load_checkpoint, resolve_pretrained
+from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
 from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
 
@@ -80,7 +80,7 @@ def main():
         teacher_ckpt = out / "teacher" / "checkpoint.pt"
         kd("train-teacher", f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra),
            f"hydra.run.dir={teacher_ckpt.parent}")
-    teacher = f"teacher={PRETRAINED if args.teacher == PRETRAINED else teacher_ckpt}"
+    teacher = f"teacher={teacher_override(args.teacher or teacher_ckpt)}"
     rows = {"teacher": [teacher_row(teacher_ckpt)],
             "student": sweep("train-student", out / "student", args.seeds, extra),
             "distilled": sweep("distill", out / "distilled", args.seeds,

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kd_cli.checkpoint import PRETRAINED
+from kd_cli.checkpoint import teacher_override
 from kd_cli.report import rows_of
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
@@ -135,9 +135,7 @@ def main():
     ap.add_argument("--out", default=None, help="default outputs/transfer/<stamp>")
     args = ap.parse_args()
     out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    # `pretrained` is kd's own name for the shipped teacher, not a path under the current folder
-    teacher = [] if not args.teacher else [
-        f"teacher={args.teacher if args.teacher == PRETRAINED else Path(args.teacher).resolve()}"]
+    teacher = [f"teacher={teacher_override(args.teacher)}"] if args.teacher else []
     names = list(EXPERIMENTS) if "all" in args.experiments else args.experiments
     for name in names:
         started = time.time()
