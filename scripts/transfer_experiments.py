@@ -10,7 +10,9 @@ Runs the installed `kd` (the experiment= presets of conf/experiment/ and one `kd
 into outputs/transfer/<stamp>/<experiment>/, and writes each experiment's Markdown table, paper
 beside ours, to <experiment>/table.md (printed too). Bias shifts are fitted on the validation split
 the presets hold out (data.val_size=10000), never on the test set. --extra adds overrides to every
-run (e.g. "epochs=1 data.train_limit=12000" for a smoke run).
+run (e.g. "epochs=1 data.train_limit=12000" for a smoke run). A stopped or killed run of the script
+continues with the same command plus --resume: finished runs are kept, the others continue with kd's
+own `resume=` (the config each run started with), and runs not begun yet start.
 """
 import argparse
 import json
@@ -24,13 +26,23 @@ from kd_cli.report import rows_of
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
 WIDTHS = [800, 300, 30]
+RESUME = False  # --resume: continue the runs an earlier call left in --out (set by main)
+
+
+def run(cmd, folder):
+    """Run a kd command, or with --resume continue its run or sweep in `folder` if one was begun
+    there (kd's resume= reads what the folder started with; a finished sweep's jobs are kept)."""
+    if RESUME and Path(folder).exists():
+        cmd = [*cmd[:2], f"resume={folder}"]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
 
 
 def kd(stage, run_dir, *overrides):
-    cmd = ["kd", stage, *overrides, f"hydra.run.dir={run_dir}"]
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    return json.loads((Path(run_dir) / "metrics.json").read_text())
+    metrics = Path(run_dir) / "metrics.json"
+    if not (RESUME and metrics.exists()):  # with --resume a finished run is kept as it is
+        run(["kd", stage, *overrides, f"hydra.run.dir={run_dir}"], run_dir)
+    return json.loads(metrics.read_text())
 
 
 def best_on_validation(metrics):
@@ -104,11 +116,8 @@ def width_vs_T(out, extra, teacher):
     # recipe=paper: the paper's 20-epoch unjittered setup, at each T (the README's measured table)
     cmd = ["kd", "distill", "-m", f"T={ts}", f"model.hidden={widths}", "recipe=paper", *teacher, *extra,
            f"hydra.sweep.dir={sweep}"]
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    hard_cmd = ["kd", "train-student", "-m", f"model.hidden={widths}", *extra, f"hydra.sweep.dir={out / 'hard'}"]
-    print("+", shlex.join(hard_cmd), flush=True)
-    subprocess.run(hard_cmd, check=True)
+    run(cmd, sweep)
+    run(["kd", "train-student", "-m", f"model.hidden={widths}", *extra, f"hydra.sweep.dir={out / 'hard'}"], out / "hard")
     # kd report's rows (what each job ran: its width and T from its own config)
     table = {(hidden_of(r), float(r["values"]["T"])): r["test_errors"] for r in done_rows(sweep)}
     hard = {hidden_of(r): r["test_errors"] for r in done_rows(out / "hard")}
@@ -133,7 +142,13 @@ def main():
                     help="teacher checkpoint, or `pretrained` (the teacher kd ships; default: kd's newest teacher)")
     ap.add_argument("--extra", default="", help="overrides added to every run")
     ap.add_argument("--out", default=None, help="default outputs/transfer/<stamp>")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a stopped call with the same --out: keep finished runs, resume the rest")
     args = ap.parse_args()
+    if args.resume and not args.out:
+        raise SystemExit("transfer_experiments: error: --resume needs the --out of the call to continue")
+    global RESUME
+    RESUME = args.resume
     out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     teacher = [f"teacher={teacher_override(args.teacher)}"] if args.teacher else []
     names = list(EXPERIMENTS) if "all" in args.experiments else args.experiments

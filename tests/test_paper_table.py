@@ -155,3 +155,48 @@ def test_transfer_script_names_the_shipped_teacher_and_resolves_paths(monkeypatc
         with pytest.raises(Stop):
             script.main()
         assert expected in seen[-1]
+
+
+def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_table(kd, tmp_path, tiny_root, monkeypatch):
+    """A width_vs_T call stopped in its first job continues with --resume: the stopped job resumes
+    (kd's resume= of the sweep), the jobs not begun start, and the table is the one an uninterrupted
+    call writes. Without --out, --resume has nothing to continue and is refused."""
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
+    script, commands = load_script("transfer_experiments"), []
+    monkeypatch.setattr(script, "WIDTH_TS", [2, 5])
+    monkeypatch.setattr(script, "WIDTHS", [16, 8])
+    stop_env = {}
+
+    def kd_command(cmd, check):
+        commands.append(cmd)
+        proc = run_in_process(cmd[1:], tmp_path, {"KD_DATA_ROOT": str(tiny_root), **stop_env})
+        if check and proc.returncode:
+            raise script.subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+    monkeypatch.setattr(script.subprocess, "run", kd_command)
+
+    def call(out, *flags):
+        monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--teacher",
+                                          str(tmp_path / "teacher" / "checkpoint.pt"),
+                                          "--extra", "epochs=2", "--out", str(out), *flags])
+        with contextlib.redirect_stdout(io.StringIO()):
+            script.main()
+
+    def table(out):  # the last line is the call's wall time
+        return (out / "width_vs_T" / "table.md").read_text().splitlines()[:-1]
+
+    call(tmp_path / "whole")
+    stopped, sweep = tmp_path / "stopped", tmp_path / "stopped" / "width_vs_T" / "sweep"
+    stop_env["KD_TEST_SIGNAL_AT"] = "SIGTERM@2:0"  # job 0, epoch 2: the sweep ends there
+    with pytest.raises(script.subprocess.CalledProcessError):
+        call(stopped)
+    assert len(list(sweep.glob("*/state.pt"))) == 1 and not list(sweep.glob("*/metrics.json"))
+    del stop_env["KD_TEST_SIGNAL_AT"]
+    commands.clear()
+    call(stopped, "--resume")
+    assert commands[0] == ["kd", "distill", f"resume={sweep}"]
+    assert commands[1][1:3] == ["train-student", "-m"]  # not begun before: starts
+    assert len(list(sweep.glob("*/metrics.json"))) == 4
+    assert table(stopped) == table(tmp_path / "whole") and "| 16 |" in "\n".join(table(stopped))
+    monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--resume"])
+    with pytest.raises(SystemExit, match="--resume needs the --out"):
+        script.main()
