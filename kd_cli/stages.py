@@ -36,7 +36,10 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     metrics = {"stage": stage, **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
                "epochs": int(cfg.epochs), "train_images": int(train_x.shape[0]),
                "train_seconds": round(result["train_seconds"], 3), "seed": int(cfg.seed),
-               "device": str(train_x.device), "precision": cfg.precision, "arch": model.arch, **extra,
+               "device": str(train_x.device), "precision": cfg.precision,
+               # CPU threads change float rounding (matrix-multiply blocking), so a result repeats
+               # bit for bit with the same seed, machine and threads (joblib jobs run with fewer)
+               "threads": torch.get_num_threads(), "arch": model.arch, **extra,
                "history": result["history"]}
     payload = {"arch": model.arch, "state_dict": cpu_weights(model), "config": OmegaConf.to_container(cfg, resolve=True)}
     if teacher is not None:

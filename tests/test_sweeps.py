@@ -2,8 +2,10 @@
 job keeps the others' results; `kd report` lists every job and plots test errors vs T."""
 import csv
 import json
+import os
 
 import pytest
+import torch
 
 from kd_cli.report import report
 
@@ -46,6 +48,11 @@ def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teache
         assert len(results(sweeps[launcher])) == 2  # ... and the other two finished
         assert (sweeps[launcher] / "report.md").is_file()  # written when the sweep ended
     assert results(sweeps["basic"]) == results(sweeps["joblib"])
+    # each joblib job had its share of the cores, recorded beside its result (threads change
+    # float rounding at MNIST size; this tiny model is below where torch splits its work)
+    for launcher, threads in (("basic", torch.get_num_threads()), ("joblib", max(1, (os.cpu_count() or 1) // 2))):
+        assert {json.loads((job / "metrics.json").read_text())["threads"] for job in jobs_of(sweeps[launcher])
+                if (job / "metrics.json").exists()} == {threads}
 
     text = report([sweeps["joblib"]])
     for job in jobs_of(sweeps["joblib"]):
