@@ -26,6 +26,18 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(x), m(x))
 
 
+def test_input_dropout_reaches_the_first_layer():
+    """In training the first layer sees the inputs with about 20% (here 50%) zeroed and the rest
+    scaled by 1 / (1 - p): the teacher's 20% input dropout, not only its hidden dropout."""
+    torch.manual_seed(0)
+    m, seen = MLP(hidden=[8], dropout_input=0.5, dropout_hidden=0.0).train(), []
+    m.hidden[0].register_forward_pre_hook(lambda layer, args: seen.append(args[0]))
+    m(torch.ones(50, 784))
+    kept = seen[0] != 0
+    assert 0.45 < kept.float().mean() < 0.55
+    assert torch.all(seen[0][kept] == 2.0)
+
+
 def test_max_norm_holds_after_a_large_step():
     torch.manual_seed(1)
     m = MLP(hidden=[64, 64])

@@ -4,12 +4,14 @@ import itertools
 import json
 import math
 
+import pytest
 import torch
 
 from kd_cli.checkpoint import load_checkpoint
 from kd_cli.models import MLP
+from kd_cli.train import Recipe
 from kd_cli.specialists import (active_specialists, combine, covariance_clusters, kl_objective,
-                                specialist_data, specialist_head, specialist_log_q)
+                                specialist_data, specialist_head, specialist_log_q, train_specialist)
 
 
 def test_classes_that_rise_and_fall_together_share_a_cluster():
@@ -26,7 +28,9 @@ def test_specialist_data_is_half_subset_half_dustbin_and_the_shift_restores_the_
     x = torch.arange(300.).view(300, 1, 1)
     xs, ys, shift = specialist_data(x, y, [1, 0], seed=0)
     assert ys.tolist().count(0) == 30 and ys.tolist().count(1) == 20 and ys.tolist().count(2) == 50
-    assert set(y[xs[ys == 2][:, 0, 0].long()].tolist()) <= {2, 3}
+    assert set(y[xs[ys == 2][:, 0, 0].long()].tolist()) == {2, 3}  # a sample of all the others
+    xs1, _, _ = specialist_data(x, y, [1, 0], seed=1)
+    assert not torch.equal(xs, xs1)  # which others: a seeded random pick, not the first ones
     # a model that only knows the mix's class frequencies, corrected, gives the true ones back
     mix = torch.bincount(ys, minlength=3).float() / ys.numel()
     logits = mix.log()
@@ -43,6 +47,48 @@ def test_the_head_starts_where_the_generalist_is_on_its_classes():
         spec.out.weight[:], spec.out.bias[:] = specialist_head(gen.out, [4, 9, 2])
     x = torch.rand(5, 28, 28)
     torch.testing.assert_close(spec(x)[:, :3], gen(x)[:, [4, 9, 2]])
+
+
+def test_the_dustbin_starts_as_the_total_of_the_classes_it_stands_for():
+    """Where the generalist gives every class outside S the same logit l, the dustbin's is
+    log(sum of their exps) = l + log(how many): the head starts out agreeing with the generalist."""
+    torch.manual_seed(0)
+    gen = MLP(hidden=[8]).eval()
+    others = [c for c in range(10) if c not in (4, 9, 2)]
+    with torch.no_grad():
+        gen.out.weight[others], gen.out.bias[others] = gen.out.weight[0].clone(), gen.out.bias[0].clone()
+    weight, bias = specialist_head(gen.out, [4, 9, 2])
+    h = torch.relu(gen.hidden[0](torch.rand(5, 784)))
+    torch.testing.assert_close(h @ weight[-1] + bias[-1], gen.out(h)[:, 0] + math.log(len(others)))
+
+
+def test_a_trained_specialist_gets_the_dustbin_correction_added():
+    """Zero epochs: the specialist is its initial head plus the correction log(rest / taken) on the
+    dustbin bias (20 images of S, 80 others, 20 of them taken: log 4), nothing else moved."""
+    torch.manual_seed(0)
+    gen = MLP(hidden=[8]).eval()
+    y = torch.tensor([0] * 10 + [1] * 10 + [5] * 40 + [7] * 40)
+    x = torch.rand(100, 28, 28)
+    model, record = train_specialist(gen, [0, 1], x, y, Recipe(epochs=0, batch_size=10, lr=0.1))
+    _, bias = specialist_head(gen.out, [0, 1])
+    assert record["dustbin_shift"] == round(math.log(4), 6)
+    torch.testing.assert_close(model.out.bias[:2], bias[:2])
+    torch.testing.assert_close(model.out.bias[-1], bias[-1] + math.log(4))
+
+
+def test_the_combination_objective_is_the_generalist_kl_plus_each_active_specialists():
+    """By hand for one case of 3 classes and one specialist for [0, 1] (outputs 0, 1, dustbin):
+    KL(p_g || q) + KL(p_m || (q0, q1, q2)), and KL(p_g || q) alone when it is not active."""
+    p_g, p_m, q = [0.6, 0.3, 0.1], [0.5, 0.2, 0.3], [0.5, 0.25, 0.25]
+    def kl(p, r):
+        return sum(a * math.log(a / b) for a, b in zip(p, r))
+    view = [q[0], q[1], q[2]]  # the dustbin holds what is not 0 or 1: here class 2 alone
+    args = (torch.tensor([q], dtype=torch.float64).log(), torch.tensor([p_g], dtype=torch.float64),
+            [torch.tensor([p_m], dtype=torch.float64)], [[0, 1]])
+    on = kl_objective(*args, torch.tensor([[True]]))
+    off = kl_objective(*args, torch.tensor([[False]]))
+    assert float(on) == pytest.approx(kl(p_g, q) + kl(p_m, view), rel=1e-12)
+    assert float(off) == pytest.approx(kl(p_g, q), rel=1e-12)
 
 
 def test_active_specialists_meet_the_top_classes():
@@ -77,8 +123,15 @@ def test_the_combination_is_the_distribution_that_minimises_the_summed_kls():
     torch.testing.assert_close(log_view.exp()[:, 2], q[:, [0, 3]].sum(1))
 
 
-def test_train_specialists_end_to_end(kd):
+def test_train_specialists_end_to_end(kd, monkeypatch):
     kd("train-teacher", "model.hidden=[32]", "epochs=2", f"hydra.run.dir={kd.cwd / 'g'}")
+    clustered = []
+    from kd_cli import stages
+
+    def recording(predictions, *args):
+        clustered.append(predictions)
+        return covariance_clusters(predictions, *args)
+    monkeypatch.setattr(stages, "covariance_clusters", recording)
     proc = kd("train-specialists", f"generalist={kd.cwd / 'g' / 'checkpoint.pt'}", "clusters=3", "epochs=1",
               f"hydra.run.dir={kd.cwd / 's'}")
     assert proc.stdout.strip().splitlines()[-1].startswith("test errors: ")
@@ -86,6 +139,11 @@ def test_train_specialists_end_to_end(kd):
     assert sorted(c for s in m["subsets"] for c in s) == sorted(set(c for s in m["subsets"] for c in s))
     assert all(len(s) >= 2 for s in m["subsets"]) and 0 <= m["cases_with_active_specialists"] <= 200
     assert all(math.isfinite(s["dustbin_shift"]) for s in m["specialists"])
+    # the clusters come from the generalist's log-probabilities (see covariance_clusters), one row
+    # per training image
+    (log_p,) = clustered
+    assert log_p.shape == (600, 10) and torch.all(log_p <= 0)
+    torch.testing.assert_close(torch.logsumexp(log_p, 1), torch.zeros(600))
     ckpt = load_checkpoint(kd.cwd / "s" / "checkpoint.pt")
     assert [s["classes"] for s in ckpt["specialists"]] == m["subsets"]
     assert ckpt["specialists"][0]["arch"]["out_features"] == len(m["subsets"][0]) + 1

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from kd_cli.report import report
+from kd_cli.report import report, seed_groups
 
 SMALL = ["model.hidden=[16]", "epochs=2", "batch_size=50"]
 
@@ -78,6 +78,16 @@ def test_report_of_a_seed_sweep_gives_mean_and_spread_and_names_unfinished_jobs(
     assert f"| 5 | 3 | {sum(done) / 3:.1f} |" in proc.stdout  # T=5: three seeds, their mean
     assert (sweep / "report.png").is_file()
     assert (sweep / "curves.png").stat().st_size > 1000 and "![learning curves](curves.png)" in proc.stdout
+
+
+def test_seed_groups_give_the_mean_and_sample_spread_of_each_setting():
+    rows = [{"status": "done", "values": {"T": t, "seed": str(i)}, "test_errors": e}
+            for t, errs in (("2", [1, 2, 6]), ("5", [4, 4])) for i, e in enumerate(errs)]
+    rows.append({"status": "failed", "values": {"T": "5", "seed": "2"}, "test_errors": None})
+    groups = {g["values"]["T"]: g for g in seed_groups(rows, ["T", "seed"])}
+    # seeds 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / (3 - 1) = 7
+    assert groups["2"] == {"values": {"T": "2"}, "n": 3, "mean": 3, "std": pytest.approx(7 ** 0.5), "min": 1, "max": 6}
+    assert groups["5"]["n"] == 2 and groups["5"]["mean"] == 4 and groups["5"]["std"] == 0
 
 
 def test_report_needs_runs(kd):

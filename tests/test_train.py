@@ -32,6 +32,33 @@ def test_onecycle_warms_up_then_anneals_to_zero():
     assert r.at(6)[0] == pytest.approx(0.1) and r.at(10)[0] == pytest.approx(0, abs=1e-12)
 
 
+def test_cosine_anneals_over_all_epochs_and_exponential_decays_per_whole_epoch():
+    r = Recipe(epochs=10, batch_size=10, lr=0.2, schedule="cosine")
+    assert r.at(0)[0] == pytest.approx(0.2) and r.at(5)[0] == pytest.approx(0.1)
+    assert r.at(10)[0] == pytest.approx(0, abs=1e-12)
+    assert r.at(2.5)[0] == pytest.approx(0.1 * (1 + math.cos(math.pi / 4)))
+    h = hinton2012()  # lr 10 * 0.998^floor(epoch) * (1 - momentum): constant within an epoch
+    for t, whole in ((0.75, 0), (1.5, 1), (1.99, 1)):
+        lr, mom = h.at(t)
+        assert lr == pytest.approx(10 * 0.998 ** whole * (1 - mom))
+
+
+def test_the_schedule_moves_at_every_step_not_every_epoch(monkeypatch):
+    """64 images at batch 16: 4 steps an epoch, step s of epoch e at t = e + s/4. One warm-up
+    epoch to 0.4, then a cosine over the second: the lr each optimizer step used, by hand."""
+    seen, step = [], torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    x, y = toy(64)
+    train(MLP(hidden=[8]), x, y, hard_label_loss,
+          Recipe(epochs=2, batch_size=16, lr=0.4, schedule="onecycle", warmup_epochs=1))
+    expected = [0.4 * k / 4 for k in range(4)] + [0.2 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert seen == pytest.approx(expected)
+
+
 def toy(n=256):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 28, 28, generator=g)

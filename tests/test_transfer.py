@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from kd_cli import stages
 from kd_cli.data import transfer_set
 from kd_cli.errors import KDError
-from kd_cli.evaluate import errors_on, fit_bias_shift, shift_biases
+from kd_cli.evaluate import bias_correction, count_errors, errors_on, fit_bias_shift, shift_biases
 from kd_cli.models import MLP
 
 from conftest import write_idx
@@ -50,6 +50,8 @@ def test_fraction_is_stratified_and_seeded():
     before = torch.get_rng_state()
     transfer_set(x, y, fraction=0.5, seed=3)
     assert torch.equal(before, torch.get_rng_state())  # the run's own RNG stream is untouched
+    _, y17, _ = transfer_set(x[:170], labels_with_counts([17] * 10), fraction=0.1)
+    assert torch.bincount(y17, minlength=10).tolist() == [2] * 10  # 1.7 images a class: rounded, not cut
     _, y1, _ = transfer_set(x, y, fraction=0.001)
     assert torch.bincount(y1, minlength=10).tolist() == [1] * 10  # never a class with no image
 
@@ -144,6 +146,33 @@ def test_fit_finds_a_known_shift():
     logits[:, [7, 8]] += 3
     shift, errors = fit_bias_shift(logits, labels, [7, 8])
     assert errors == 0 and abs(shift + 3) < 0.3
+
+
+def test_the_fitted_correction_raises_the_bias_it_fits_and_counts_on_validation():
+    """bias_correction(fit_classes=[3]) with validation logits whose class 3 sits 5 too low: the
+    shift is about +5, the test logits come back with exactly that added to column 3, and the
+    errors before and after are counted on the validation split."""
+    g = torch.Generator().manual_seed(0)
+    val_y, test_y = torch.randint(0, 10, (500,), generator=g), torch.randint(0, 10, (300,), generator=g)
+    val = torch.nn.functional.one_hot(val_y, 10).float() + 0.2 * torch.rand(500, 10, generator=g)
+    val[:, 3] -= 5
+    test = torch.randn(300, 10, generator=g)
+    shifted, record = bias_correction(test, test_y, fit_classes=[3], val_logits=val, val_y=val_y)
+    value = record["shift"]["3"]
+    assert 4.7 < value < 5.3
+    expected = test.clone()
+    expected[:, 3] += value
+    torch.testing.assert_close(shifted, expected)
+    assert record["val_size"] == 500
+    assert record["val_errors_before"] == int((val.argmax(1) != val_y).sum()) == int((val_y == 3).sum())
+    assert record["val_errors_after"] == 0
+    assert record["before"]["test_errors"] == int((test.argmax(1) != test_y).sum())
+
+
+def test_the_confusion_matrix_has_true_classes_as_rows():
+    counts = count_errors(torch.eye(3)[[0, 1, 1, 2]] * 5, torch.tensor([0, 0, 1, 2]), num_classes=3)
+    assert counts["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]  # a true 0 called 1: row 0, column 1
+    assert counts["per_class_errors"] == [1, 0, 0] and counts["test_errors"] == 1
 
 
 def test_fitting_the_bias_never_reads_the_test_set(kd, tiny_root, tmp_path):
