@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,17 +24,27 @@ def load_script(name):
     return module
 
 
-def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypatch):
-    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
-    script, commands = load_script("paper_table"), []
+def kd_in_process(script, monkeypatch, cwd, tiny_root, env=None):
+    """Make the script's `kd ...` commands run in-process (subprocess.run patched); returns the list
+    of commands run. `env` is read at each command, so a test can change it between calls. A failed
+    command raises CalledProcessError, as subprocess.run(check=True) does, its stderr printed."""
+    commands = []
 
     def kd_command(cmd, check):
         assert cmd[0] == "kd" and check
         commands.append(cmd)
-        proc = run_in_process(cmd[1:], tmp_path, {"KD_DATA_ROOT": str(tiny_root)})
-        assert proc.returncode == 0, proc.stderr
-
+        proc = run_in_process(cmd[1:], cwd, {"KD_DATA_ROOT": str(tiny_root), **(env or {})})
+        if proc.returncode:
+            print(proc.stderr, file=sys.stderr)
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
     monkeypatch.setattr(script.subprocess, "run", kd_command)
+    return commands
+
+
+def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypatch):
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
+    script = load_script("paper_table")
+    commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root)
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--teacher", str(tmp_path / "teacher" / "checkpoint.pt"),
                                       "--extra", "epochs=1 model.hidden=[16]", "--out", str(out)])
@@ -114,14 +125,8 @@ def test_shipped_teacher_serves_teacher_pretrained_and_the_students_only_table(k
     shipped = tmp_path / "shipped2"
     # what ship wrote is what kd accepts as teacher=pretrained; the table then trains students only
     monkeypatch.setattr(kd_cli.checkpoint, "pretrained_folder", lambda: shipped)
-    script, commands = load_script("paper_table"), []
-
-    def kd_command(cmd, check):
-        commands.append(cmd)
-        proc = run_in_process(cmd[1:], tmp_path, {"KD_DATA_ROOT": str(tiny_root)})
-        assert proc.returncode == 0, proc.stderr
-
-    monkeypatch.setattr(script.subprocess, "run", kd_command)
+    script = load_script("paper_table")
+    commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root)
     out = tmp_path / "table"
     monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--teacher", "pretrained",
                                       "--extra", "epochs=1 model.hidden=[16]", "--out", str(out)])
@@ -162,17 +167,10 @@ def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_t
     (kd's resume= of the sweep), the jobs not begun start, and the table is the one an uninterrupted
     call writes. Without --out, --resume has nothing to continue and is refused."""
     kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'teacher'}")
-    script, commands = load_script("transfer_experiments"), []
+    script, stop_env = load_script("transfer_experiments"), {}
     monkeypatch.setattr(script, "WIDTH_TS", [2, 5])
     monkeypatch.setattr(script, "WIDTHS", [16, 8])
-    stop_env = {}
-
-    def kd_command(cmd, check):
-        commands.append(cmd)
-        proc = run_in_process(cmd[1:], tmp_path, {"KD_DATA_ROOT": str(tiny_root), **stop_env})
-        if check and proc.returncode:
-            raise script.subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
-    monkeypatch.setattr(script.subprocess, "run", kd_command)
+    commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root, stop_env)
 
     def call(out, *flags):
         monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--teacher",
@@ -187,7 +185,7 @@ def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_t
     call(tmp_path / "whole")
     stopped, sweep = tmp_path / "stopped", tmp_path / "stopped" / "width_vs_T" / "sweep"
     stop_env["KD_TEST_SIGNAL_AT"] = "SIGTERM@2:0"  # job 0, epoch 2: the sweep ends there
-    with pytest.raises(script.subprocess.CalledProcessError):
+    with pytest.raises(subprocess.CalledProcessError):
         call(stopped)
     assert len(list(sweep.glob("*/state.pt"))) == 1 and not list(sweep.glob("*/metrics.json"))
     del stop_env["KD_TEST_SIGNAL_AT"]

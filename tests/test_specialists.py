@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kd_cli import stages
 from kd_cli.checkpoint import load_checkpoint
 from kd_cli.models import MLP
 from kd_cli.train import Recipe
@@ -126,7 +127,6 @@ def test_the_combination_is_the_distribution_that_minimises_the_summed_kls():
 def test_train_specialists_end_to_end(kd, monkeypatch):
     kd("train-teacher", "model.hidden=[32]", "epochs=2", f"hydra.run.dir={kd.cwd / 'g'}")
     clustered = []
-    from kd_cli import stages
 
     def recording(predictions, *args):
         clustered.append(predictions)
