@@ -135,9 +135,11 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
+    # torch takes RNG states only as CPU byte tensors, and a state.pt loaded onto a GPU
+    # (map_location=device) holds them there: without .cpu() no CUDA run could resume
+    torch.set_rng_state(state["cpu"].cpu())
     if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, evaluate=None,

@@ -25,6 +25,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "subprocess: runs the installed `kd` as a real process "
                             "(signals, launchers); select with -m subprocess")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; CI has none): "
+                            "select with -m cuda on a GPU machine")
 
 
 def pytest_collection_modifyitems(config, items):

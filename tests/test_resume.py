@@ -69,6 +69,20 @@ def test_kill_9_at_a_batch_restarts_from_the_last_finished_epoch(kd, untouched):
     assert_same_run(run_dir, untouched)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_stopped_cuda_run_resumes_to_the_untouched_cuda_run(kd):
+    """On a GPU, state.pt is loaded onto the GPU, RNG states included, and torch takes RNG states
+    only as CPU tensors: resuming must still restore both generators and end bit for bit."""
+    on_gpu = [*RUN, "device=cuda"]
+    kd(*on_gpu, f"hydra.run.dir={kd.cwd / 'untouched'}")
+    proc = kd(*on_gpu, f"hydra.run.dir={kd.cwd / 'stopped'}", extra_env=signal_at(signal.SIGTERM, 2, 7), check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    kd(RUN[0], f"resume={kd.cwd / 'stopped'}")
+    assert_same_run(kd.cwd / "stopped", kd.cwd / "untouched")
+    assert json.loads((kd.cwd / "stopped" / "metrics.json").read_text())["device"].startswith("cuda")
+
+
 # 9 epochs at 1 px: the teacher's targets are cached over the 9 shifted copies (teachers.caches_shifts)
 DISTILL = ["distill", "model.hidden=[16]", "epochs=9", "batch_size=50", "T=4", "data.jitter=1"]
 
