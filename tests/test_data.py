@@ -88,3 +88,11 @@ def test_validation_split_is_fixed_disjoint_and_complete():
     assert torch.equal(tx[:, 0, 0].long(), ty) and torch.equal(vx[:, 0, 0].long(), vy)
     torch.manual_seed(123)  # the run's seed does not move the split
     assert torch.equal(split_validation(x, y, 20)[3], vy)
+
+
+def test_the_validation_split_is_a_random_sample_not_the_first_images():
+    # training sets often come sorted (MNIST is not, a user's may be): 100 of 1000 images sorted by
+    # class must not all be one or two classes; a random 100 of 10 classes of 100 hold nearly all 10
+    x, y = torch.arange(1000.0).view(1000, 1, 1), torch.arange(1000) // 100
+    _, _, val_x, val_y = split_validation(x, y, 100)
+    assert len(set(val_y.tolist())) >= 8

@@ -117,6 +117,20 @@ def test_logit_matching_matches_the_eval_mode_teachers_logits_on_its_own_batch(k
         torch.testing.assert_close(v.double(), plain_logits(two_teachers[0], xb), atol=1e-4, rtol=1e-4)
 
 
+def test_logit_matching_of_an_ensemble_matches_the_teachers_mean_logit(kd, two_teachers, forwards, monkeypatch):
+    from kd_cli import stages
+
+    seen, real = [], stages.logit_matching_loss
+    monkeypatch.setattr(stages, "logit_matching_loss", lambda z, y, v, a: (seen.append(v.clone()), real(z, y, v, a))[1])
+    kd("distill", f"teacher=[{two_teachers[0]},{two_teachers[1]}]", "loss=logit_mse", "epochs=1",
+       f"model.hidden=[{STUDENT}]", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
+    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
+    assert len(student_steps) == len(seen) == 6
+    for xb, v in zip(student_steps, seen):
+        mean = (plain_logits(two_teachers[0], xb) + plain_logits(two_teachers[1], xb)) / 2
+        torch.testing.assert_close(v.double(), mean, atol=1e-4, rtol=1e-4)
+
+
 def member(path, seed, scale):
     """A random 784-16-10 checkpoint whose logits are scaled: confident members make the
     arithmetic and geometric combinations disagree."""

@@ -85,3 +85,15 @@ def test_soft_loss_is_never_negative_when_the_student_matches_to_rounding():
     unclamped = (log_p.exp() * (log_p - F.log_softmax(z / T, 1))).sum(1).mean()
     assert unclamped < 0  # the rounding the loss must not report happens in this case
     assert soft_loss(z, soft_targets(v, T), T) >= 0
+
+
+def test_soft_loss_clamps_each_case_not_the_batch_mean():
+    # one case whose "KL" is below 0 (its log p sums to less than 1, as rounding can make a matched
+    # case) must not cancel another case's real mismatch: the loss is the mean of the clamped cases
+    T = 2.0
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    log_q = F.log_softmax(z / T, 1)
+    log_p = torch.stack([log_q[0] - 0.5, F.log_softmax(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), 0)])
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    assert kl[0] < 0 < kl[1] and kl.sum() < 0  # a mean-then-clamp loss would be 0 here
+    torch.testing.assert_close(soft_loss(z, log_p, T), kl[1] / 2)

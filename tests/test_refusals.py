@@ -51,6 +51,17 @@ def test_a_new_run_never_continues_or_overwrites_another_runs_folder(kd):
     assert snapshot(finished) == before
 
 
+def test_a_folder_whose_run_stopped_before_its_first_epoch_is_not_taken_over(kd):
+    # kill -9 in epoch 1 leaves Hydra's record and no state.pt: still another run's folder
+    folder = kd.cwd / "early"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("epochs: 3\n")
+    before = snapshot(folder)
+    refused(kd("train-student", *SMALL, "epochs=1", f"hydra.run.dir={folder}", check=False),
+            "stopped before its first epoch ended", "choose a new hydra.run.dir")
+    assert snapshot(folder) == before
+
+
 def test_an_interrupted_sweep_continues_with_one_command(kd):
     """Job 0 finishes, job 1 is stopped mid-epoch, job 2 never starts; `resume=<sweep>` keeps job 0
     as it is, resumes job 1 to the result of a run never stopped, and runs job 2."""
@@ -121,6 +132,7 @@ def test_a_sweep_with_another_config_into_the_same_folder_is_refused_by_job(kd):
     (["train-student", "seed=-1"], "seed must be"),
     (["train-student", "model.hidden=[true]"], "model.hidden must be a list of layer widths"),
     (["train-student", "model.hidden=[]"], "model.hidden must be"),
+    (["train-student", "model.hidden=[16,0]"], "model.hidden must be"),
     (["train-student", "optim.weight_decay=-1"], "optim.weight_decay must be a finite number >= 0"),
     (["train-student", "optim.warmup_epochs=abc"], "optim.warmup_epochs must be"),
     (["train-student", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1"),
@@ -152,6 +164,7 @@ def altered(path, out, change):
 
 @pytest.mark.parametrize("damage, says", [
     (lambda c: c["state_dict"]["out.weight"].view(-1)[3].fill_(float("nan")), "non-finite weights"),
+    (lambda c: c["state_dict"]["hidden.0.bias"].view(-1)[1].fill_(-float("inf")), "non-finite weights"),
     (lambda c: c.update(arch={"hidden": "800"}), "malformed architecture"),
     (lambda c: c.update(config=[1, 2]), "malformed config"),
     (lambda c: c.update(metrics="many"), "malformed metrics"),

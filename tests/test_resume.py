@@ -143,6 +143,18 @@ def test_resume_refuses_a_config_that_changed_since_the_run_started(kd):
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
 
 
+def test_resume_refuses_a_config_that_lost_a_key_since_the_run_started(kd):
+    """A key the run started with that the command no longer composes (a recipe file that dropped
+    it) is a changed config too, not only a key whose value moved."""
+    run_dir = kd.cwd / "stopped"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    record = run_dir / ".hydra" / "config.yaml"
+    record.write_text(record.read_text() + "dropped_knob: 3\n")
+    proc = kd(RUN[0], f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "started with dropped_knob=3" in proc.stderr, proc.stderr
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
 def test_a_full_disk_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"stage": "s", "arch": {}, "state_dict": {"w": torch.ones(3)}})

@@ -113,3 +113,19 @@ def test_report_axes_come_from_what_each_job_ran_not_only_what_was_typed(kd, tea
                                                                                      ("paper", 20, "0")]
     assert "epochs" not in rows[0]  # typed once for both jobs: not an axis
     assert (sweep / "report.png").is_file()  # drawn against T
+
+
+def test_a_job_that_failed_after_saving_a_state_is_failed_with_its_error(tmp_path):
+    # a resume that failed (a full disk at the finish) leaves both state.pt and error.txt: the row
+    # must say failed and why, not "stopped" with a resume hint that would fail again
+    from kd_cli.report import read_job
+
+    job = tmp_path / "0_seed=0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (job / "state.pt").write_bytes(b"state")
+    (job / "error.txt").write_text("Traceback ...\nkd: error: could not write checkpoint.pt: No space left on device\n")
+    row = read_job(job)
+    assert row["status"] == "failed" and "No space left on device" in row["error"]
+    (job / "error.txt").unlink()
+    assert read_job(job)["status"] == "stopped"

@@ -226,3 +226,29 @@ def test_weight_averaging_resumes_to_the_untouched_run(tmp_path, monkeypatch):
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, untouched.state_dict()[k])
     assert out["history"] == ref["history"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_loss_of_any_kind_stops_the_run_as_diverged(bad):
+    from kd_cli.train import Diverged
+
+    x, y = toy(70)
+    with pytest.raises(Diverged, match="diverged at epoch 1"):
+        train(MLP(hidden=[8]), x, y, lambda z, t, _: z.sum() * 0 + bad, Recipe(epochs=2, batch_size=32, lr=0.1))
+
+
+def test_the_epochs_loss_is_the_mean_over_all_its_batches():
+    # the k-th step's loss is k (its gradient 0): 3 batches an epoch, so epoch 1 is (0+1+2)/3, epoch 2 (3+4+5)/3
+    step = iter(range(100))
+    x, y = toy(70)
+    out = train(MLP(hidden=[8]), x, y, lambda z, t, _: z.sum() * 0 + next(step), Recipe(epochs=2, batch_size=32, lr=0.1))
+    assert [row["loss"] for row in out["history"]] == [1.0, 4.0]
+
+
+def test_bf16_hands_the_loss_float32_logits():
+    # DESIGN: autocast for the forward; softmaxes, logs and T on float32 logits
+    dtypes = []
+    x, y = toy(70)
+    train(MLP(hidden=[8]), x, y, lambda z, t, _: (dtypes.append(z.dtype), hard_label_loss(z, t))[1],
+          Recipe(epochs=1, batch_size=32, lr=0.1, precision="bf16"))
+    assert dtypes == [torch.float32] * 3
