@@ -1,6 +1,6 @@
 """Training speed: kd against a bare PyTorch loop (the floor) and the usual DataLoader pipeline.
 
-    python scripts/bench.py [--json out.json] [--repeats 3] [--device cpu|cuda]
+    python scripts/bench.py [--json out.json] [--repeats 3] [--device cpu|cuda] [--precision fp32|bf16]
 
 One process, same machine, same data (real MNIST from KD_DATA_ROOT, 60,000 training images):
   floor     a bare loop over in-memory tensors written here with stock torch modules (nn.Dropout,
@@ -10,7 +10,9 @@ One process, same machine, same data (real MNIST from KD_DATA_ROOT, 60,000 train
   sgemm     the machine's matrix-multiply rate at the layers' shapes, against which the achieved
             model GFLOP/s of each loop is set
 Seconds per epoch are medians over --repeats epochs (after one warm-up epoch). Prints a Markdown
-table and, with --json, writes every number and the ratios under "ratios".
+table and, with --json, writes every number and the ratios under "ratios". --precision bf16 runs
+every training forward, floor and kd alike, under bfloat16 autocast (kd's precision=bf16): two
+runs, fp32 and bf16, give the bf16/fp32 epoch-time ratio of each loop.
 """
 import argparse
 import json
@@ -68,6 +70,7 @@ def floor_jitter(x, s):
 
 
 OPTIMIZERS = {}
+PRECISION = {"bf16": False}  # set by --precision: autocast the floor loops as kd's precision=bf16 does
 
 
 def floor_epoch(model, x, y, batch_size, log_p=None, jitter=0, max_norm=None):
@@ -82,7 +85,9 @@ def floor_epoch(model, x, y, batch_size, log_p=None, jitter=0, max_norm=None):
         xs = floor_jitter(xs, jitter)
     hidden = [m for m in model if isinstance(m, nn.Linear)][:-1]
     for i in range(0, x.shape[0], batch_size):
-        z = model(xs[i:i + batch_size])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=PRECISION["bf16"]):
+            z = model(xs[i:i + batch_size])
+        z = z.float()
         if ps is None:
             loss = F.cross_entropy(z, ys[i:i + batch_size])
         else:
@@ -111,7 +116,7 @@ def timed(fn, repeats, device):
 
 def kd_epoch_seconds(model, x, y, loss_fn, batch_size, repeats, jitter=0, max_norm=None, targets=None):
     recipe = Recipe(epochs=1 + repeats, batch_size=batch_size, lr=0.05, momentum=0.9, nesterov=True,
-                    schedule="cosine")
+                    schedule="cosine", precision="bf16" if PRECISION["bf16"] else "fp32")
     # the end-of-epoch callback stamps the clock (after the epoch's one sync): epoch k's time is
     # the gap between stamps k-1 and k, so the first (warm-up) epoch is left out
     out = train(model, x, y, loss_fn, recipe, targets=targets, max_norm=max_norm, jitter_pixels=jitter,
@@ -141,10 +146,12 @@ def pipeline_epoch_seconds(root, batch_size, workers, device):
 
 
 def sgemm_gflops(hidden, batch_size, device, repeats=20):
-    """The matmul rate at the model's shapes: forward, grad-input and grad-weight of each layer."""
+    """The matmul rate at the model's shapes: forward, grad-input and grad-weight of each layer, in
+    float32 (bfloat16 with --precision bf16, the dtype autocast gives the matmuls)."""
     widths = [784, *hidden, 10]
-    mats = [(torch.randn(batch_size, a, device=device), torch.randn(b, a, device=device),
-             torch.randn(batch_size, b, device=device)) for a, b in zip(widths, widths[1:])]
+    dtype = torch.bfloat16 if PRECISION["bf16"] else torch.float32
+    mats = [(torch.randn(batch_size, a, device=device, dtype=dtype), torch.randn(b, a, device=device, dtype=dtype),
+             torch.randn(batch_size, b, device=device, dtype=dtype)) for a, b in zip(widths, widths[1:])]
 
     def step():
         for x, w, g in mats:
@@ -161,17 +168,23 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-batch", type=int, default=500, help="the default teacher recipe's batch")
     ap.add_argument("--student-batch", type=int, default=100, help="the default student recipe's batch")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N training images (a smoke run)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: every training forward under bfloat16 autocast, as kd's precision=bf16")
     args = ap.parse_args()
     device = torch.device(args.device)
+    PRECISION["bf16"] = args.precision == "bf16"
     # kd's stages flush float32 denormals to zero; every loop here runs so too, so the ratios compare
     # loops, not float modes (with denormals a distill epoch can take 2x as long, floor or kd alike)
     torch.set_flush_denormal(True)
     root = os.environ.get("KD_DATA_ROOT", "data")
-    x, y, _, _ = load_mnist(root, download=False, device=device)
+    x, y, _, _ = load_mnist(root, download=False, device=device, train_limit=args.limit)
     n = x.shape[0]
     tb, sb, r = args.teacher_batch, args.student_batch, args.repeats
-    res = {"device": str(device), "machine": platform.processor() or platform.machine(),
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    res = {"device": str(device), "machine": machine,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "images_per_epoch": n,
+           "precision": args.precision,
            "teacher_batch": tb, "student_batch": sb, "seconds_per_epoch": {}}
     sec = res["seconds_per_epoch"]
 
@@ -204,12 +217,13 @@ def main():
     log("kd_distill_augmented", kd_epoch_seconds(
         MLP(**STUDENT).to(device), x, y, default_loss, sb, r, jitter=JITTER, targets=shifted))
 
-    if device.type == "cpu":
+    if device.type == "cpu" and args.limit is None:  # torchvision's data set has all 60,000
         for workers in (0, 2):
             log(f"pipeline_student_workers{workers}", pipeline_epoch_seconds(root, sb, workers, device))
 
-    res["sgemm_gflops"] = {"teacher": round(sgemm_gflops(TEACHER["hidden"], tb, device), 1),
-                           "student": round(sgemm_gflops(STUDENT["hidden"], sb, device), 1)}
+    reps = 20 if args.limit is None else 2  # a smoke run: a rough matmul rate is enough
+    res["sgemm_gflops"] = {"teacher": round(sgemm_gflops(TEACHER["hidden"], tb, device, reps), 1),
+                           "student": round(sgemm_gflops(STUDENT["hidden"], sb, device, reps), 1)}
     flops = {"teacher": model_flops_per_image(TEACHER["hidden"]) * n,
              "student": model_flops_per_image(STUDENT["hidden"]) * n}
     res["achieved_gflops"] = {
@@ -230,9 +244,9 @@ def main():
     targets = {"kd_over_floor_teacher": "<= 1.10", "kd_over_floor_student": "<= 1.10",
                "kd_over_floor_distill": "<= 1.10", "distill_over_student": "<= 1.15",
                "pipeline_over_kd": ">= 3"}
-    lines = [f"Device: {device} ({res['machine']}, {res['threads']} threads), torch {res['torch']}; "
+    lines = [f"Device: {device} ({res['machine']}, {res['threads']} threads), torch {res['torch']}, {args.precision}; "
              f"batch {tb} (teacher), {sb} (student, distill); median of {r} epochs of {n} images.", "",
-             "| loop | s/epoch | model GFLOP/s | sgemm GFLOP/s at these shapes |", "| --- | --- | --- | --- |"]
+             f"| loop | s/epoch | model GFLOP/s | {args.precision} matmul GFLOP/s at these shapes |", "| --- | --- | --- | --- |"]
     for name, s in sec.items():
         kind = "teacher" if "teacher" in name else "student"
         lines.append(f"| {name} | {s:.2f} | {res['achieved_gflops'].get(name, '-')} | {res['sgemm_gflops'][kind]} |")
