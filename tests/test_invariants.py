@@ -102,32 +102,22 @@ def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two
         assert load_checkpoint(p)["metrics"]["stage"] == "train-teacher"
 
 
-@pytest.mark.parametrize("jitter,epochs", [(2, 2), (1, 9)])  # per batch, and cached over the copies
+# one teacher per batch and cached over the shifted copies; an ensemble: the teachers' mean logit
+@pytest.mark.parametrize("jitter,epochs,members", [(2, 2, 1), (1, 9, 1), (0, 1, 2)])
 def test_logit_matching_matches_the_eval_mode_teachers_logits_on_its_own_batch(kd, two_teachers, forwards,
-                                                                             monkeypatch, jitter, epochs):
+                                                                             monkeypatch, jitter, epochs, members):
     from kd_cli import stages
 
+    teachers = two_teachers[:members]
     seen, real = [], stages.logit_matching_loss
     monkeypatch.setattr(stages, "logit_matching_loss", lambda z, y, v, a: (seen.append(v.clone()), real(z, y, v, a))[1])
-    kd("distill", f"teacher={two_teachers[0]}", "loss=logit_mse", f"data.jitter={jitter}", f"epochs={epochs}",
-       f"model.hidden=[{STUDENT}]", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
+    teacher = teachers[0] if members == 1 else f"[{','.join(map(str, teachers))}]"
+    kd("distill", f"teacher={teacher}", "loss=logit_mse", f"data.jitter={jitter}",
+       f"epochs={epochs}", f"model.hidden=[{STUDENT}]", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
     student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
     assert len(student_steps) == len(seen) == epochs * 6
     for xb, v in zip(student_steps, seen):
-        torch.testing.assert_close(v.double(), plain_logits(two_teachers[0], xb), atol=1e-4, rtol=1e-4)
-
-
-def test_logit_matching_of_an_ensemble_matches_the_teachers_mean_logit(kd, two_teachers, forwards, monkeypatch):
-    from kd_cli import stages
-
-    seen, real = [], stages.logit_matching_loss
-    monkeypatch.setattr(stages, "logit_matching_loss", lambda z, y, v, a: (seen.append(v.clone()), real(z, y, v, a))[1])
-    kd("distill", f"teacher=[{two_teachers[0]},{two_teachers[1]}]", "loss=logit_mse", "epochs=1",
-       f"model.hidden=[{STUDENT}]", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
-    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
-    assert len(student_steps) == len(seen) == 6
-    for xb, v in zip(student_steps, seen):
-        mean = (plain_logits(two_teachers[0], xb) + plain_logits(two_teachers[1], xb)) / 2
+        mean = sum(plain_logits(t, xb) for t in teachers) / len(teachers)
         torch.testing.assert_close(v.double(), mean, atol=1e-4, rtol=1e-4)
 
 
