@@ -70,10 +70,10 @@ def floor_jitter(x, s):
 
 
 OPTIMIZERS = {}
-PRECISION = {"bf16": False}  # set by --precision: autocast the floor loops as kd's precision=bf16 does
 
 
-def floor_epoch(model, x, y, batch_size, log_p=None, jitter=0, max_norm=None):
+def floor_epoch(model, x, y, batch_size, log_p=None, jitter=0, max_norm=None, precision="fp32"):
+    """One epoch of the bare loop; bf16: the forward under bfloat16 autocast, as kd's precision=bf16."""
     if model not in OPTIMIZERS:
         OPTIMIZERS[model] = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     opt = OPTIMIZERS[model]
@@ -85,7 +85,7 @@ def floor_epoch(model, x, y, batch_size, log_p=None, jitter=0, max_norm=None):
         xs = floor_jitter(xs, jitter)
     hidden = [m for m in model if isinstance(m, nn.Linear)][:-1]
     for i in range(0, x.shape[0], batch_size):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=PRECISION["bf16"]):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             z = model(xs[i:i + batch_size])
         z = z.float()
         if ps is None:
@@ -114,9 +114,10 @@ def timed(fn, repeats, device):
     return statistics.median(times)
 
 
-def kd_epoch_seconds(model, x, y, loss_fn, batch_size, repeats, jitter=0, max_norm=None, targets=None):
+def kd_epoch_seconds(model, x, y, loss_fn, batch_size, repeats, jitter=0, max_norm=None, targets=None,
+                     precision="fp32"):
     recipe = Recipe(epochs=1 + repeats, batch_size=batch_size, lr=0.05, momentum=0.9, nesterov=True,
-                    schedule="cosine", precision="bf16" if PRECISION["bf16"] else "fp32")
+                    schedule="cosine", precision=precision)
     # the end-of-epoch callback stamps the clock (after the epoch's one sync): epoch k's time is
     # the gap between stamps k-1 and k, so the first (warm-up) epoch is left out
     out = train(model, x, y, loss_fn, recipe, targets=targets, max_norm=max_norm, jitter_pixels=jitter,
@@ -145,11 +146,11 @@ def pipeline_epoch_seconds(root, batch_size, workers, device):
     return timed(epoch, 1, device)  # one warm-up and one timed epoch: each takes a while
 
 
-def sgemm_gflops(hidden, batch_size, device, repeats=20):
+def sgemm_gflops(hidden, batch_size, device, repeats=20, precision="fp32"):
     """The matmul rate at the model's shapes: forward, grad-input and grad-weight of each layer, in
     float32 (bfloat16 with --precision bf16, the dtype autocast gives the matmuls)."""
     widths = [784, *hidden, 10]
-    dtype = torch.bfloat16 if PRECISION["bf16"] else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mats = [(torch.randn(batch_size, a, device=device, dtype=dtype), torch.randn(b, a, device=device, dtype=dtype),
              torch.randn(batch_size, b, device=device, dtype=dtype)) for a, b in zip(widths, widths[1:])]
 
@@ -173,14 +174,13 @@ def main():
                     help="bf16: every training forward under bfloat16 autocast, as kd's precision=bf16")
     args = ap.parse_args()
     device = torch.device(args.device)
-    PRECISION["bf16"] = args.precision == "bf16"
     # kd's stages flush float32 denormals to zero; every loop here runs so too, so the ratios compare
     # loops, not float modes (with denormals a distill epoch can take 2x as long, floor or kd alike)
     torch.set_flush_denormal(True)
     root = os.environ.get("KD_DATA_ROOT", "data")
     x, y, _, _ = load_mnist(root, download=False, device=device, train_limit=args.limit)
     n = x.shape[0]
-    tb, sb, r = args.teacher_batch, args.student_batch, args.repeats
+    tb, sb, r, p = args.teacher_batch, args.student_batch, args.repeats, args.precision
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     res = {"device": str(device), "machine": machine,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "images_per_epoch": n,
@@ -195,19 +195,19 @@ def main():
     torch.manual_seed(0)
     teacher = MLP(**TEACHER).to(device)
     floor_t = floor_model(**TEACHER).to(device)
-    log("floor_teacher", timed(lambda: floor_epoch(floor_t, x, y, tb, jitter=JITTER, max_norm=MAX_NORM), r, device))
-    log("kd_teacher", kd_epoch_seconds(teacher, x, y, hard_label_loss, tb, r, jitter=JITTER, max_norm=MAX_NORM))
+    log("floor_teacher", timed(lambda: floor_epoch(floor_t, x, y, tb, jitter=JITTER, max_norm=MAX_NORM, precision=p), r, device))
+    log("kd_teacher", kd_epoch_seconds(teacher, x, y, hard_label_loss, tb, r, jitter=JITTER, max_norm=MAX_NORM, precision=p))
 
     floor_s = floor_model(STUDENT["hidden"]).to(device)
-    log("floor_student", timed(lambda: floor_epoch(floor_s, x, y, sb), r, device))
-    log("kd_student", kd_epoch_seconds(MLP(**STUDENT).to(device), x, y, hard_label_loss, sb, r))
+    log("floor_student", timed(lambda: floor_epoch(floor_s, x, y, sb, precision=p), r, device))
+    log("kd_student", kd_epoch_seconds(MLP(**STUDENT).to(device), x, y, hard_label_loss, sb, r, precision=p))
 
     log_p = soft_targets(teacher_logits(teacher, x), T_PAPER)
     floor_d = floor_model(STUDENT["hidden"]).to(device)
-    log("floor_distill", timed(lambda: floor_epoch(floor_d, x, y, sb, log_p=log_p), r, device))
+    log("floor_distill", timed(lambda: floor_epoch(floor_d, x, y, sb, log_p=log_p, precision=p), r, device))
     distill_loss = lambda z, yb, lp: distillation_loss(z, yb, lp, T_PAPER, ALPHA)  # noqa: E731
     log("kd_distill", kd_epoch_seconds(MLP(**STUDENT).to(device), x, y, distill_loss, sb, r,
-                                       targets=SoftTargets([teacher], T_PAPER, x)))
+                                       targets=SoftTargets([teacher], T_PAPER, x), precision=p))
     default_loss = lambda z, yb, lp: distillation_loss(z, yb, lp, T_DEFAULT, ALPHA)  # noqa: E731
     start = time.perf_counter()  # the teacher over the 25 shifted copies: once a run, not per epoch
     shifted = SoftTargets([teacher], T_DEFAULT, x, max_shift=JITTER)
@@ -215,15 +215,15 @@ def main():
     res["distill_augmented_setup_seconds"] = round(time.perf_counter() - start, 2)
     print(f"{'distill_augmented_setup':<28} {res['distill_augmented_setup_seconds']:8.3f} s once", file=sys.stderr)
     log("kd_distill_augmented", kd_epoch_seconds(
-        MLP(**STUDENT).to(device), x, y, default_loss, sb, r, jitter=JITTER, targets=shifted))
+        MLP(**STUDENT).to(device), x, y, default_loss, sb, r, jitter=JITTER, targets=shifted, precision=p))
 
     if device.type == "cpu" and args.limit is None:  # torchvision's data set has all 60,000
         for workers in (0, 2):
             log(f"pipeline_student_workers{workers}", pipeline_epoch_seconds(root, sb, workers, device))
 
     reps = 20 if args.limit is None else 2  # a smoke run: a rough matmul rate is enough
-    res["sgemm_gflops"] = {"teacher": round(sgemm_gflops(TEACHER["hidden"], tb, device, reps), 1),
-                           "student": round(sgemm_gflops(STUDENT["hidden"], sb, device, reps), 1)}
+    res["sgemm_gflops"] = {"teacher": round(sgemm_gflops(TEACHER["hidden"], tb, device, reps, p), 1),
+                           "student": round(sgemm_gflops(STUDENT["hidden"], sb, device, reps, p), 1)}
     flops = {"teacher": model_flops_per_image(TEACHER["hidden"]) * n,
              "student": model_flops_per_image(STUDENT["hidden"]) * n}
     res["achieved_gflops"] = {

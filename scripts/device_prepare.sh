@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Here, before a session lent a GPU calls the device tool: what its one `run` needs, in .device/
-# (git-ignored; about 22 MB, under the tool's 64 MiB with the working tree). The GPU machine has
+# (git-ignored; about 20 MB, under the tool's 64 MiB with the working tree). The GPU machine has
 # python3 with torch, numpy, tqdm, matplotlib, joblib and pytest, but not kd's Hydra packages, and
 # ../shared/data does not travel:
 #   .device/wheels/  kd-cli (with conf/ and pretrained/) and hydra-core, omegaconf, antlr4 and the
