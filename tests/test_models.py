@@ -68,3 +68,22 @@ def test_dropout_rate_scale_and_gradient(p):
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient flows only through kept units
     assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("p_in,p_hidden", [(0.2, 0.5), (0.5, 0.0)])
+def test_hidden_dropout_acts_after_every_hidden_layer_at_its_own_rate(p_in, p_hidden):
+    """Hidden weights 0 and biases 1 make every hidden activation exactly 1 whatever the input, so
+    what reaches the next layer is the hidden dropout's mask alone: zeros at the rate p_hidden
+    (not the input's p_in), the rest 1 / (1 - p_hidden), after the last hidden layer too."""
+    torch.manual_seed(3)
+    m, seen = MLP(hidden=[64, 64], dropout_input=p_in, dropout_hidden=p_hidden).train(), {}
+    with torch.no_grad():
+        for layer in m.hidden:
+            layer.weight.zero_(), layer.bias.fill_(1.0)
+    for name, layer in (("second", m.hidden[1]), ("out", m.out)):
+        layer.register_forward_pre_hook(lambda layer, args, name=name: seen.__setitem__(name, args[0]))
+    m(torch.rand(200, 784))
+    for name in ("second", "out"):
+        kept = seen[name] != 0
+        assert abs(1 - kept.float().mean().item() - p_hidden) < 0.03, name
+        assert torch.allclose(seen[name][kept], torch.tensor(1 / (1 - p_hidden))), name

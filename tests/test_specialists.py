@@ -75,6 +75,15 @@ def test_a_trained_specialist_gets_the_dustbin_correction_added():
     assert record["dustbin_shift"] == round(math.log(4), 6)
     torch.testing.assert_close(model.out.bias[:2], bias[:2])
     torch.testing.assert_close(model.out.bias[-1], bias[-1] + math.log(4))
+    # and the whole model starts from the generalist: its hidden layers and its head's weights, so
+    # on S it gives the generalist's logits, and its dustbin the head's plus the correction
+    weight, _ = specialist_head(gen.out, [0, 1])
+    torch.testing.assert_close(model.out.weight, weight)
+    with torch.no_grad():
+        logits, general = model(x), gen(x)
+        h = torch.relu(gen.hidden[0](x.flatten(1)))
+    torch.testing.assert_close(logits[:, :2], general[:, [0, 1]])
+    torch.testing.assert_close(logits[:, -1], h @ weight[-1] + bias[-1] + math.log(4))
 
 
 def test_the_combination_objective_is_the_generalist_kl_plus_each_active_specialists():

@@ -59,6 +59,86 @@ def test_the_schedule_moves_at_every_step_not_every_epoch(monkeypatch):
     assert seen == pytest.approx(expected)
 
 
+def test_every_step_uses_the_ramped_momentum_and_its_lr(monkeypatch):
+    """The cited recipe's shape on 64 images at batch 16 (4 steps an epoch, step k at t = k/4):
+    momentum 0.5 -> 0.99 over the first epoch, lr 10 halved per whole epoch times (1 - momentum).
+    What each optimizer step was handed, against the formula written out by hand."""
+    seen, step = [], torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["momentum"]))
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    x, y = toy(64)
+    train(MLP(hidden=[8]), x, y, lambda z, t, _: z.sum() * 0,  # no gradient: only the schedule acts
+          Recipe(epochs=3, batch_size=16, lr=10.0, momentum=0.99, momentum_start=0.5, momentum_ramp_epochs=1,
+                 schedule="exponential", lr_decay=0.5, lr_times_one_minus_momentum=True))
+    expected = []
+    for k in range(12):
+        momentum = 0.5 + 0.49 * min(1.0, k / 4)
+        expected.append((10 * 0.5 ** (k // 4) * (1 - momentum), momentum))
+    assert [lr for lr, _ in seen] == pytest.approx([lr for lr, _ in expected])
+    assert [m for _, m in seen] == pytest.approx([m for _, m in expected])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nesterov_momentum_and_weight_decay_act_on_the_first_step(nesterov):
+    """loss = sum of the logits: the output bias's gradient is the batch size B for every class,
+    plus weight decay wd * b. SGD's first step puts that gradient g in the momentum buffer, and
+    moves b by lr * g, or by lr * (1 + momentum) * g with Nesterov momentum."""
+    torch.manual_seed(0)
+    x, y = toy(20)
+    m = MLP(hidden=[8])
+    b0 = m.out.bias.detach().clone()
+    lr, momentum, wd = 0.01, 0.9, 0.1
+    train(m, x, y, lambda z, t, _: z.sum(),
+          Recipe(epochs=1, batch_size=20, lr=lr, momentum=momentum, momentum_start=momentum,
+                 nesterov=nesterov, weight_decay=wd, schedule="constant"))
+    g = 20 + wd * b0
+    torch.testing.assert_close(m.out.bias.detach(), b0 - lr * (1 + momentum * nesterov) * g)
+
+
+def test_max_norm_holds_before_every_step_not_only_at_the_end():
+    """A large lr breaks the limit at every step; the constraint must restore it after each one,
+    so every forward after the first sees hidden units of norm <= max_norm."""
+    torch.manual_seed(0)
+    x, y = toy(128)
+    m, norms = MLP(hidden=[16, 16]), []
+    m.hidden[0].register_forward_pre_hook(
+        lambda layer, args: norms.append(float(layer.weight.detach().norm(dim=1).max())) if layer.training else None)
+    train(m, x, y, hard_label_loss, Recipe(epochs=2, batch_size=16, lr=5.0, schedule="constant"), max_norm=0.5)
+    assert len(norms) == 16 and norms[0] > 0.5  # the initial weights are beyond it...
+    assert max(norms[1:]) <= 0.5 * (1 + 1e-5)  # ...and after every step they are within it
+
+
+def test_each_epoch_draws_new_shifts():
+    """Images with one lit pixel each, at the centre and with its own brightness: where the pixel
+    lands in a forward is the image's shift that epoch. A new draw per epoch keeps an image's shift
+    from one epoch to the next for about 1 in 25 images; a draw made once would keep all of them."""
+    n, epochs = 64, 3
+    x = torch.zeros(n, 28, 28)
+    x[:, 14, 14] = torch.arange(1, n + 1) / n
+    where = [dict() for _ in range(epochs)]
+
+    class Recorder(MLP):
+        def forward(self, xb):
+            if self.training:
+                flat = xb.flatten(1)
+                epoch = next(e for e in range(epochs) if len(where[e]) < n)
+                for row in flat:
+                    where[epoch][round(float(row.max()) * n)] = int(row.argmax())
+            return super().forward(xb)
+
+    torch.manual_seed(0)
+    train(Recorder(hidden=[4]), x, torch.zeros(n, dtype=torch.long), hard_label_loss,
+          Recipe(epochs=epochs, batch_size=16, lr=0.1), jitter_pixels=2)
+    assert all(sorted(w) == list(range(1, n + 1)) for w in where)  # every image, once an epoch
+    offsets = {divmod(pos, 28) for w in where for pos in w.values()}
+    assert offsets <= {(14 + dy, 14 + dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    kept = sum(where[e][i] == where[e + 1][i] for e in range(epochs - 1) for i in range(1, n + 1))
+    assert kept < 0.2 * n * (epochs - 1)  # about 5 of 128 by chance
+
+
 def toy(n=256):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 28, 28, generator=g)
