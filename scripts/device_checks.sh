@@ -4,7 +4,7 @@
 #   then:  run(command="bash scripts/device_checks.sh", carry=[".device"], timeout_s=580)
 # or only some steps: bash scripts/device_checks.sh bench teachers. The steps, each under its own
 # time limit (seconds; a step that runs out gets SIGTERM, which kd answers by saving its state):
-#   test      60   the CUDA-only tests (pytest -m cuda): a stopped GPU run resumes bit for bit
+#   test      60   the CUDA-only tests (pytest -m cuda): a stopped GPU run resumes bit for bit; dropout on CUDA
 #   bench     100  scripts/bench.py on the GPU in fp32 and in bf16: seconds per epoch, their ratio
 #   parity    140  scripts/precision_parity.py on the GPU: test errors of 3 seeds, fp32 against bf16
 #                  (jobs 6 at a time, so its seconds are not timings: bench's are)
@@ -43,7 +43,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, log it, note t
 
 for s in ${*:-test bench parity teachers}; do
     case $s in
-    test) step test 60 python3 -P -m pytest -q -m cuda tests/test_resume.py ;;
+    test) step test 60 python3 -P -m pytest -q -m cuda tests/test_resume.py tests/test_models.py ;;
     bench)
         step bench-fp32 50 python3 -P scripts/bench.py --device $device $smoke_bench --json "$OUT/bench-fp32.json"
         step bench-bf16 50 python3 -P scripts/bench.py --device $device $smoke_bench --precision bf16 --json "$OUT/bench-bf16.json" ;;

@@ -54,16 +54,23 @@ def test_max_norm_holds_after_a_large_step():
     assert torch.equal(m.out.weight, out_before)  # the output layer is not constrained
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # on CUDA the layer hands over to torch's dropout
 @pytest.mark.parametrize("p", [0.2, 0.5])
-def test_dropout_rate_scale_and_gradient(p):
+def test_dropout_rate_scale_and_gradient(p, device):
     torch.manual_seed(2)
     drop = Dropout(p).train()
-    x = torch.ones(400, 1000, requires_grad=True)
+    x = torch.ones(400, 1000, requires_grad=True, device=device)
     y = drop(x)
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 1 / 256 + 0.005  # the rate, to its 1/256 rounding
     kept = y[y != 0]
-    assert torch.allclose(kept, torch.full_like(kept, 256 / drop.kept))  # inverted-dropout scale
+    # inverted-dropout scale: 256/kept for kd's byte masks, torch's exact 1 / (1 - p) on CUDA
+    scale = 256 / drop.kept if device == "cpu" else 1 / (1 - p)
+    assert torch.allclose(kept, torch.full_like(kept, scale))
     assert abs(y.mean().item() - 1) < 0.01  # the expectation is unchanged
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient flows only through kept units
