@@ -68,7 +68,7 @@ def test_same_seed_gives_same_errors_and_weights(kd):
     assert metrics_of(a)["test_errors"] == metrics_of(b)["test_errors"]
     wa = torch.load(a / "checkpoint.pt", weights_only=True)["state_dict"]
     wb = torch.load(b / "checkpoint.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_multirun_writes_one_folder_per_job(kd):

@@ -2,6 +2,7 @@
 what the teacher does when it makes targets, what reaches the loss, what the model trains and
 is evaluated on. Every module forward is watched through torch's global forward hook, so these
 tests hold whatever kd's own functions are called."""
+import hashlib
 import json
 
 import pytest
@@ -83,6 +84,7 @@ def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two
     paths = two_teachers[:1 if how == "one" else 2]
     T = 3.0
     arg = f"teacher={paths[0]}" if how == "one" else f"teacher=[{paths[0]},{paths[1]}]"
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     kd("distill", arg, f"teacher_combine={'arithmetic' if how == 'one' else how}", f"T={T}", f"data.jitter={jitter}",
        f"model.hidden=[{STUDENT}]", f"epochs={epochs}", "batch_size=100", "alpha=0.5", f"hydra.run.dir={kd.cwd / 'd'}")
     teacher_calls = [f for f in forwards if f[0] == TEACHER]
@@ -98,8 +100,8 @@ def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two
     if how == "arithmetic":  # the two combinations differ here, so using the other one would show
         other = combined([torch.log_softmax(plain_logits(p, student_steps[0]) / T, 1) for p in paths], "geometric")
         assert (other - soft_targets_seen[0][0].double()).abs().max() > 1e-3
-    for p in paths:  # nothing flowed back into a teacher's file
-        assert load_checkpoint(p)["metrics"]["stage"] == "train-teacher"
+    # nothing flowed back into a teacher's file: byte for byte what it was before the run
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == digests
 
 
 # one teacher per batch and cached over the shifted copies; an ensemble: the teachers' mean logit
@@ -157,8 +159,15 @@ def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, two_teachers, f
         m = json.loads((kd.cwd / name / "metrics.json").read_text())
         assert m["test_errors"] == int((logits.argmax(1) != test_y).sum())
         assert m["per_class_errors"] == torch.bincount(test_y[logits.argmax(1) != test_y], minlength=10).tolist()
-    # and the run's own count, and every per-epoch count, came from the eval-mode model too
+    # and the run's own count came from the eval-mode model too
     assert json.loads((path.parent / "metrics.json").read_text())["test_errors"] == m["test_errors"]
+    # as did every per-epoch count of a run: every forward outside autograd is in eval mode, and
+    # every one inside it in training mode (a dropout teacher, watched while it trains)
+    forwards.clear()
+    teacher(kd, "watched")
+    evaluations = [training for _, training, grad, _ in forwards if not grad]
+    assert len(evaluations) >= 3 and not any(evaluations)  # before training and after each of 2 epochs
+    assert all(training for _, training, grad, _ in forwards if grad)
 
 
 def rows(x):
@@ -256,7 +265,8 @@ def test_bf16_runs_the_forward_in_bfloat16_keeps_float32_and_learns(kd):
     assert {dtype for training, dtype in linear_out if training} == {torch.bfloat16}
     assert {dtype for training, dtype in linear_out if not training} == {torch.float32}
     wa, wb = (load_checkpoint(kd.cwd / n / "checkpoint.pt")["state_dict"] for n in ("a", "b"))
-    assert all(v.dtype == torch.float32 for v in wa.values()) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(v.dtype == torch.float32 for v in wa.values()) and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
     history, final = history_and_final(kd.cwd / "a")
     assert history[0] > 120 and final <= 10
     assert json.loads((kd.cwd / "a" / "metrics.json").read_text())["precision"] == "bf16"

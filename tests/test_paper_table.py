@@ -72,6 +72,36 @@ def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypat
     assert len([line for line in md.splitlines() if line.startswith("| ") and "784" in line]) == 4
 
 
+def test_paper_table_means_and_gap_closed_by_hand(tmp_path, monkeypatch):
+    """The table's arithmetic on canned rows (no run): each row's mean over its seeds, and the share
+    of the student-teacher gap each distilled row closes, (student - distilled) / (student - teacher),
+    in table.json and in the sentence under the table."""
+    script = load_script("paper_table")
+
+    def row(seed, errors, **values):
+        values = {"seed": str(seed), "T": "5.0", "alpha": "0.1", "data.jitter": "0", "epochs": "1", **values}
+        return {"job": f"job{seed}", "status": "done", "values": values, "test_errors": errors,
+                "test_total": 100, "train_seconds": 1.0, "wall_seconds": 2.0}
+    canned = {"student": [row(0, 10), row(1, 13)], "distilled": [row(0, 4), row(1, 5)],
+              "distilled-paper-setup": [row(0, 9), row(1, 7)]}
+    monkeypatch.setattr(script, "resolve_pretrained", lambda p: p)
+    monkeypatch.setattr(script, "teacher_override", lambda p: str(p))
+    monkeypatch.setattr(script, "teacher_row", lambda ckpt: row(0, 3))
+    monkeypatch.setattr(script, "sweep", lambda stage, folder, seeds, overrides: canned[Path(folder).name])
+    out = tmp_path / "table"
+    out.mkdir()
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "0", "1", "--teacher", "t.pt", "--out", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        script.main()
+    table = json.loads((out / "table.json").read_text())
+    assert table["mean"] == {"teacher": 3, "student": 11.5, "distilled": 4.5, "distilled_paper_setup": 8}
+    # gap 11.5 - 3 = 8.5: the default recipe closes 7 / 8.5, the paper's setup 3.5 / 8.5
+    assert table["gap_closed"] == pytest.approx({"distilled": 7 / 8.5, "distilled_paper_setup": 3.5 / 8.5})
+    md = (out / "table.md").read_text()
+    assert "closes 82% of the student-teacher gap with the default recipe, 41% in the paper's setup" in md
+    assert "| 11.5 | 10 (seed 0), 13 (seed 1) |" in md
+
+
 def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path):
     same = load_script("same_results")
     for name in ("before", "after"):

@@ -80,7 +80,7 @@ def test_an_interrupted_sweep_continues_with_one_command(kd):
     whole = json.loads((kd.cwd / "whole" / "metrics.json").read_text())
     assert json.loads((job1 / "metrics.json").read_text())["history"] == whole["history"]
     w1, w = (load_checkpoint(d / "checkpoint.pt")["state_dict"] for d in (job1, kd.cwd / "whole"))
-    assert all(torch.equal(w1[k], w[k]) for k in w)
+    assert w1.keys() == w.keys() and all(torch.equal(w1[k], w[k]) for k in w)
     assert "3 jobs: 3 done" in kd("report", str(sweep)).stdout
 
 

@@ -90,6 +90,41 @@ def test_seed_groups_give_the_mean_and_sample_spread_of_each_setting():
     assert groups["5"]["n"] == 2 and groups["5"]["mean"] == 4 and groups["5"]["std"] == 0
 
 
+def drawn(monkeypatch, draw, *args):
+    """What a plotting function handed matplotlib: (method, x, y, yerr) of each errorbar and plot."""
+    from matplotlib.axes import Axes
+
+    calls = []
+    for name in ("errorbar", "plot"):
+        real = getattr(Axes, name)
+
+        def spy(self, x, y, *more, _name=name, _real=real, **kw):
+            calls.append((_name, list(x), list(y), kw.get("yerr")))
+            return _real(self, x, y, *more, **kw)
+        monkeypatch.setattr(Axes, name, spy)
+    assert draw(*args)
+    return calls
+
+
+def test_the_plots_draw_the_numbers_of_the_runs(tmp_path, monkeypatch):
+    """report.png: the mean over seeds against T, bars from min to max; curves.png: each run's loss
+    over its trained epochs and its test and validation errors over every epoch, as recorded."""
+    from kd_cli.plots import learning_curves, plot
+
+    rows = [{"status": "done", "values": {"T": t, "seed": str(i)}, "test_errors": e}
+            for t, errs in (("5", [4, 4]), ("2", [1, 2, 6])) for i, e in enumerate(errs)]
+    calls = drawn(monkeypatch, plot, tmp_path / "report.png", rows, ["T", "seed"])
+    # T=2: seeds 1, 2, 6 (mean 3, bars 2 below, 3 above); T=5: 4, 4
+    assert calls == [("errorbar", [2.0, 5.0], [3, 4], [[2, 0], [3, 0]])]
+    history = [{"epoch": 0, "test_errors": 50, "val_errors": 55},
+               {"epoch": 1, "loss": 0.5, "test_errors": 20, "val_errors": 22},
+               {"epoch": 2, "loss": 0.25, "test_errors": 10, "val_errors": 12}]
+    runs = [{"status": "done", "job": "sweep/0_T=2", "values": {"T": "2"}, "history": history}]
+    calls = drawn(monkeypatch, learning_curves, tmp_path / "curves.png", runs, ["T"])
+    assert calls == [("plot", [1, 2], [0.5, 0.25], None), ("plot", [0, 1, 2], [50, 20, 10], None),
+                     ("plot", [0, 1, 2], [55, 22, 12], None)]
+
+
 def test_report_needs_runs(kd):
     proc = kd("report", str(kd.cwd), check=False)
     assert proc.returncode == 2 and "no kd runs" in proc.stderr

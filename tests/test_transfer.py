@@ -13,7 +13,7 @@ from kd_cli.errors import KDError
 from kd_cli.evaluate import bias_correction, count_errors, errors_on, fit_bias_shift, shift_biases
 from kd_cli.models import MLP
 
-from conftest import write_idx
+from conftest import plain_logits, write_idx
 
 
 def labels_with_counts(counts):
@@ -167,6 +167,10 @@ def test_the_fitted_correction_raises_the_bias_it_fits_and_counts_on_validation(
     assert record["val_errors_before"] == int((val.argmax(1) != val_y).sum()) == int((val_y == 3).sum())
     assert record["val_errors_after"] == 0
     assert record["before"]["test_errors"] == int((test.argmax(1) != test_y).sum())
+    wrong = expected.argmax(1) != test_y  # after: the errors of the shifted logits, counted by hand
+    assert record["after"]["test_errors"] == int(wrong.sum())
+    assert record["after"]["on_shifted_classes"] == {"errors": int(wrong[test_y == 3].sum()),
+                                                     "images": int((test_y == 3).sum())}
 
 
 def test_the_confusion_matrix_has_true_classes_as_rows():
@@ -197,6 +201,32 @@ def test_fitting_the_bias_never_reads_the_test_set(kd, tiny_root, tmp_path):
     assert a["val_size"] == 200 and a["val_held_out_from_training"]
     assert a["before"]["test_errors"] != b["before"]["test_errors"]  # the test sets did differ
     assert a["after"]["on_shifted_classes"]["errors"] <= a["before"]["on_shifted_classes"]["errors"]
+
+
+def test_evaluate_reports_the_errors_of_the_shifted_biases(kd, tiny_root, tmp_path):
+    """A given shift (the paper's way) and a fitted one: the errors kd evaluate reports, total and
+    on class 3, are those of the checkpoint's plain logits with the shift added to class 3's."""
+    from kd_cli.data import load_mnist
+
+    kd("train-student", "model.hidden=[16]", "epochs=3", "data.val_size=200", "data.transfer.exclude=[3]",
+       f"hydra.run.dir={tmp_path / 'student'}")
+    ckpt = tmp_path / "student" / "checkpoint.pt"
+    _, _, test_x, test_y = load_mnist(tiny_root)
+    plain = plain_logits(ckpt, test_x)
+    for name, arg in (("given", "bias_shift={3:2.5}"), ("fitted", "fit_bias=[3]")):
+        kd("evaluate", f"checkpoint={ckpt}", arg, f"hydra.run.dir={tmp_path / name}")
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        shift = m["bias"]["shift"]["3"]
+        if name == "given":
+            assert shift == 2.5
+        shifted = plain.clone()
+        shifted[:, 3] += shift
+        for logits, when in ((plain, "before"), (shifted, "after")):
+            wrong = logits.argmax(1) != test_y
+            assert m["bias"][when]["test_errors"] == int(wrong.sum()), (name, when)
+            assert m["bias"][when]["on_shifted_classes"]["errors"] == int(wrong[test_y == 3].sum()), (name, when)
+        assert m["test_errors"] == m["bias"]["after"]["test_errors"]  # the run's result is the shifted model's
+        assert m["bias"]["before"]["test_errors"] != m["bias"]["after"]["test_errors"]  # the shift did move it
 
 
 def test_fit_bias_needs_a_validation_split(kd):
