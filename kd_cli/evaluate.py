@@ -1,6 +1,21 @@
 """Test errors: total, per class, and the confusion matrix."""
 import torch
 
+from .errors import KDError
+
+
+class NonFiniteOutputs(KDError):
+    """A model whose outputs are NaN or infinite: no error count is made from them (argmax would
+    still pick a class, and the count would look like a result)."""
+
+
+def _refuse_non_finite(bad, what):
+    rows = int(bad.any(dim=1).sum())
+    if rows:
+        raise NonFiniteOutputs(f"{what} on {rows} of {bad.shape[0]} images are NaN or infinite, so no error "
+                               "count is made from them: the weights have grown too large (lower lr, or set "
+                               "optim.clip_grad_norm=5, and train again)")
+
 
 @torch.inference_mode()
 def predict_logits(model, x, batch_size=10000):
@@ -9,11 +24,14 @@ def predict_logits(model, x, batch_size=10000):
     model.eval()
     logits = torch.cat([model(chunk) for chunk in x.split(batch_size)])
     model.train(was_training)
+    _refuse_non_finite(~torch.isfinite(logits), "the model's outputs")
     return logits
 
 
 def count_errors(logits, labels, num_classes=10):
-    """A dict of plain ints: test_errors, test_total, per_class_errors, confusion (rows: true)."""
+    """A dict of plain ints: test_errors, test_total, per_class_errors, confusion (rows: true).
+    -inf is allowed (the log of a probability that underflowed to 0), NaN and +inf are not."""
+    _refuse_non_finite(torch.isnan(logits) | torch.isposinf(logits), "the scores to count errors from")
     pred = logits.argmax(dim=1)
     wrong = pred != labels
     confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2)

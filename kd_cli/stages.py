@@ -128,7 +128,9 @@ def _validation_for(cfg, ckpt, device):
     if val_size >= train_x.shape[0]:
         raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
     _, _, val_x, val_y = split_validation(train_x, train_y, val_size)
-    return val_x, val_y, val_size == trained_val
+    # the same split only if it is cut from the same images: another train_limit moves its border
+    same_images = limit == trained.get("train_limit") and cfg.data.name == trained.get("name", cfg.data.name)
+    return val_x, val_y, val_size == trained_val and same_images
 
 
 def evaluate(cfg, out_dir):

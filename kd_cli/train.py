@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SCHEDULES
 from .data import draw_shifts, shift_images
 from .errors import KDError
+from .evaluate import NonFiniteOutputs
 from .averaging import WeightAverage
 from .models import apply_max_norm_
 
@@ -244,9 +245,12 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
             averaged = average.after_epoch(model, epoch)
             if evaluate is not None:
-                row.update(evaluate(model))
-                if averaged:  # the averaged weights' errors beside the live ones'
-                    row.update(average.evaluated(model, evaluate))
+                try:  # the loss was finite before the last step; the model after it may not be
+                    row.update(evaluate(model))
+                    if averaged:  # the averaged weights' errors beside the live ones'
+                        row.update(average.evaluated(model, evaluate))
+                except NonFiniteOutputs as e:
+                    raise Diverged(f"training diverged at epoch {epoch + 1}: {e}") from None
             at["history"].append(row)
             save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})

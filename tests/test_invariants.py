@@ -146,6 +146,14 @@ def test_evaluate_reports_the_combination_it_was_asked_for(kd):
         m = json.loads((kd.cwd / how / "metrics.json").read_text())
         assert m["test_errors"] == want[how] and m["ensemble_test_errors"] == want
         assert [x["test_errors"] for x in m["members"]] == [int((v.argmax(1) != test_y).sum()) for v in log_ps]
+    # probabilities are combined, not logits: +30 on every output of one member changes nothing
+    ck = load_checkpoint(paths[0])
+    ck["state_dict"]["out.bias"] += 30.0
+    save_checkpoint(kd.cwd / "m0_up.pt", {k: v for k, v in ck.items() if k != "format_version"})
+    for how in want:
+        kd("evaluate", f"checkpoint=[{kd.cwd / 'm0_up.pt'},{paths[1]},{paths[2]}]", f"combine={how}",
+           f"hydra.run.dir={kd.cwd / (how + '_up')}")
+        assert json.loads((kd.cwd / (how + "_up") / "metrics.json").read_text())["ensemble_test_errors"] == want
 
 
 def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, two_teachers, forwards):
@@ -189,6 +197,65 @@ def test_a_validation_split_never_overlaps_the_images_trained_on(kd, forwards):
     fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
     assert len(fitted_on) == 150 and not fitted_on & trained
     assert fitted_on == held_out
+
+
+def trained_and_held_out(forwards, train_x):
+    """The images a run trained on, and the training-file images it only evaluated (its split)."""
+    trained = set().union(*(rows(x) for _, training, _, x in forwards if training))
+    evaluated = set().union(*(rows(x) for _, training, _, x in forwards if not training))
+    return trained, evaluated & set(rows(train_x))
+
+
+def test_the_validation_split_is_the_same_images_whatever_the_runs_seed(kd, forwards):
+    # fit_bias re-cuts the split a checkpoint's run held out: it must not depend on the run's seed
+    train_x, _, _, _ = load_mnist(kd.root)
+    held = []
+    for seed in (0, 1):
+        forwards.clear()
+        kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.val_size=150", f"seed={seed}",
+           f"hydra.run.dir={kd.cwd / str(seed)}")
+        trained, held_out = trained_and_held_out(forwards, train_x)
+        assert len(held_out) == 150 and not held_out & trained
+        held.append(held_out)
+    assert held[0] == held[1]
+    forwards.clear()
+    kd("evaluate", f"checkpoint={kd.cwd / '1' / 'checkpoint.pt'}", "fit_bias=[3]", f"hydra.run.dir={kd.cwd / 'e'}")
+    assert set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x)) == held[1]
+
+
+def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_it_cannot(kd, forwards):
+    train_x, _, _, _ = load_mnist(kd.root)
+    kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.train_limit=400", "data.val_size=100",
+       f"hydra.run.dir={kd.cwd / 's'}")
+    trained, held_out = trained_and_held_out(forwards, train_x)
+    ckpt = kd.cwd / "s" / "checkpoint.pt"
+    forwards.clear()
+    kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", f"hydra.run.dir={kd.cwd / 'e'}")
+    fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
+    assert fitted_on == held_out and not fitted_on & trained
+    assert json.loads((kd.cwd / "e" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is True
+    # another train_limit cuts the split elsewhere, among images the run trained on: the record says so
+    forwards.clear()
+    kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", "data.train_limit=500", f"hydra.run.dir={kd.cwd / 'e2'}")
+    fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
+    assert fitted_on & trained  # what the flag must not hide
+    assert json.loads((kd.cwd / "e2" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is False
+
+
+def test_a_fraction_of_the_transfer_set_reaches_the_run_stratified_and_fixed_by_its_own_seed(kd, forwards):
+    train_x, train_y, _, _ = load_mnist(kd.root)
+    label_of = dict(zip(rows(train_x), train_y.tolist()))
+    want = [round(0.1 * int((train_y == c).sum())) for c in range(10)]  # by hand: 10% of each digit
+    sets = {}
+    for name, args in (("a", ["seed=0"]), ("b", ["seed=1"]), ("c", ["seed=0", "data.transfer.seed=1"])):
+        forwards.clear()
+        kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.transfer.fraction=0.1", *args,
+           f"hydra.run.dir={kd.cwd / name}")
+        sets[name], _ = trained_and_held_out(forwards, train_x)
+        per_class = torch.bincount(torch.tensor([label_of[r] for r in sets[name]]), minlength=10).tolist()
+        assert per_class == want
+        assert json.loads((kd.cwd / name / "metrics.json").read_text())["train_images"] == sum(want)
+    assert sets["a"] == sets["b"] and sets["a"] != sets["c"]
 
 
 def test_configured_max_norm_reaches_the_loop(kd):

@@ -97,3 +97,11 @@ def test_soft_loss_clamps_each_case_not_the_batch_mean():
     kl = (log_p.exp() * (log_p - log_q)).sum(1)
     assert kl[0] < 0 < kl[1] and kl.sum() < 0  # a mean-then-clamp loss would be 0 here
     torch.testing.assert_close(soft_loss(z, log_p, T), kl[1] / 2)
+
+
+def test_a_nan_in_the_student_comes_out_as_nan_not_as_a_clamped_zero():
+    # the loop's divergence check reads the loss: a clamp that turned NaN into 0 would hide it
+    z, v = torch.randn(4, 10), torch.randn(4, 10)
+    z[1, 2] = float("nan")
+    assert torch.isnan(soft_loss(z, soft_targets(v, 2.0), 2.0))
+    assert torch.isnan(distillation_loss(z, None, soft_targets(v, 2.0), 2.0, 0.0))

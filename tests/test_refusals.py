@@ -192,6 +192,26 @@ def test_a_diverged_run_says_why_and_leaves_nothing_to_resume(kd):
     refused(kd("train-student", f"resume={run}", check=False), "no state.pt", "diverged")
 
 
+def test_a_run_whose_last_step_blows_up_reports_no_number(kd):
+    # one step an epoch; the lr x 1e30 of epoch 2 leaves finite weights whose outputs are not: the
+    # loss, computed before that step, was finite, so only the model's outputs can tell
+    run = kd.cwd / "blown"
+    proc = kd("train-student", "model.hidden=[16]", "data.train_limit=100", "batch_size=100", "epochs=2",
+              "optim.schedule=exponential", "optim.lr_decay=1e30", f"hydra.run.dir={run}", check=False)
+    refused(proc, "diverged at epoch 2", "NaN or infinite", "lower lr")
+    assert "test errors:" not in proc.stdout
+    assert not any((run / f).exists() for f in ("metrics.json", "checkpoint.pt", "state.pt"))
+
+
+def test_a_model_whose_outputs_overflow_is_not_counted(kd, finished_student):
+    # finite weights (they pass the checkpoint's check) whose products overflow float32
+    bad = altered(finished_student, kd.cwd / "huge.pt", lambda c: c["state_dict"]["out.weight"].fill_(3e38))
+    assert torch.isfinite(load_checkpoint(bad)["state_dict"]["out.weight"]).all()
+    out = kd.cwd / "e"
+    refused(kd("evaluate", f"checkpoint={bad}", f"hydra.run.dir={out}", check=False), "NaN or infinite")
+    assert not (out / "metrics.json").exists()
+
+
 # ---- writes that fail ----------------------------------------------------------------------------
 
 class FullDisk:

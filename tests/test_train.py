@@ -293,6 +293,17 @@ def test_weight_averaging_ends_with_the_plain_mean_of_the_last_epochs_weights():
     assert bool((norms <= 2.0 + 1e-5).all())
 
 
+def test_weight_averaging_leaves_the_live_trajectory_as_a_run_without_it():
+    # averaging only reads the live weights: every epoch's end is bit for bit the plain run's
+    _, plain_out, plain = fit_averaged(last=0)
+    _, out, ends = fit_averaged(last=3)
+    live = ends[:4] + ends[5::2]  # epochs 3-5 also evaluate the average, once each
+    assert len(plain) == len(live) == 6
+    for a, b in zip(plain, live):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["test_errors"] for r in out["history"]] == [r["test_errors"] for r in plain_out["history"]]
+
+
 def test_weight_averaging_resumes_to_the_untouched_run(tmp_path, monkeypatch):
     from kd_cli.train import Interrupted
 
@@ -315,6 +326,20 @@ def test_a_non_finite_loss_of_any_kind_stops_the_run_as_diverged(bad):
     x, y = toy(70)
     with pytest.raises(Diverged, match="diverged at epoch 1"):
         train(MLP(hidden=[8]), x, y, lambda z, t, _: z.sum() * 0 + bad, Recipe(epochs=2, batch_size=32, lr=0.1))
+
+
+def test_a_student_with_nan_outputs_stops_a_soft_targets_only_run_as_diverged():
+    # alpha=0: no labels, so the NaN can only reach the check through the soft term
+    from kd_cli.losses import distillation_loss, soft_targets
+    from kd_cli.train import Diverged
+
+    model = MLP(hidden=[8])
+    with torch.no_grad():
+        model.out.bias[0] = float("nan")
+    with pytest.raises(Diverged, match="diverged at epoch 1"):
+        train(model, torch.rand(64, 28, 28), None, lambda z, y, t: distillation_loss(z, y, t, 2.0, 0.0),
+              Recipe(epochs=1, batch_size=32, lr=0.1),
+              targets=lambda idx, xb, shifts: soft_targets(torch.randn(len(idx), 10), 2.0))
 
 
 def test_the_epochs_loss_is_the_mean_over_all_its_batches():
