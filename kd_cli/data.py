@@ -100,8 +100,9 @@ def jitter(images, max_shift):
 
 def transfer_set(x, y, exclude=(), include=None, fraction=1.0, seed=0, num_classes=10):
     """The images a student learns from: classes in `include` (all when None) minus `exclude`,
-    then a stratified `fraction` of each kept class, drawn with its own seeded generator (so the
-    same subset whatever the run's seed, and the global RNG is untouched). Training images keep
+    then a stratified `fraction` of each kept class, drawn with seeded generators of its own (so the
+    same subset whatever the run's seed and whichever other classes are kept; the global RNG is
+    untouched). Training images keep
     their order. Returns (x, y, info) where info records the classes and the size."""
     exclude = sorted({int(c) for c in exclude})
     include = None if include is None else sorted({int(c) for c in include})
@@ -112,12 +113,16 @@ def transfer_set(x, y, exclude=(), include=None, fraction=1.0, seed=0, num_class
     kept = [c for c in (include if include is not None else range(num_classes)) if c not in exclude]
     if not kept:
         raise KDError("data.transfer.include/exclude leave no class to train on")
-    gen = torch.Generator().manual_seed(int(seed))
+    # a generator per class, its seed drawn for every class whether kept or not: a digit's subset
+    # is then the same with or without another digit excluded (omit-a-class and little-data studies
+    # compare the same images of the digits they share)
+    class_seeds = torch.randint(2 ** 62, (num_classes,), generator=torch.Generator().manual_seed(int(seed))).tolist()
     picked = []
     for c in kept:
         idx = (y == c).nonzero().squeeze(1).cpu()
         if fraction < 1:
             take = max(1, round(fraction * idx.numel())) if idx.numel() else 0
+            gen = torch.Generator().manual_seed(class_seeds[c])
             idx = idx[torch.randperm(idx.numel(), generator=gen)[:take]]
         picked.append(idx)
     keep = torch.cat(picked).sort().values.to(x.device)

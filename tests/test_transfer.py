@@ -56,6 +56,22 @@ def test_fraction_is_stratified_and_seeded():
     assert torch.bincount(y1, minlength=10).tolist() == [1] * 10  # never a class with no image
 
 
+def test_a_digits_fraction_is_the_same_images_whichever_other_digits_are_kept():
+    # omit-a-class with little data must compare the same 5s (and every other shared digit) as
+    # little data alone: excluding or including other digits changes no kept digit's subset
+    y = labels_with_counts([100] * 10)
+    x = torch.arange(float(y.numel())).view(-1, 1, 1)
+
+    def images_of(digit, **kw):
+        xs, ys, _ = transfer_set(x, y, fraction=0.1, seed=7, **kw)
+        return xs[ys == digit].flatten().tolist()
+
+    fives = images_of(5)
+    assert len(fives) == 10
+    assert images_of(5, exclude=[0]) == images_of(5, exclude=[3, 4]) == images_of(5, include=[5, 7]) == fives
+    assert images_of(5, include=[5]) == fives and images_of(7, include=[7, 8]) == images_of(7)
+
+
 @pytest.fixture
 def compose_cfg(tiny_root):
     def make(stage, *overrides):
