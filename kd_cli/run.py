@@ -83,12 +83,13 @@ def record_failure(folder, message):
     record_error(folder, message)
 
 
-def finish(out_dir, started, stage, model_payload, metrics):
+def finish(out_dir, started, stage, model_payload, metrics, earlier_wall_seconds=0.0):
     """Write checkpoint.pt (model, config, metrics), then metrics.json, then drop the resumable
     state: once metrics.json exists the run is finished, and until then it can be resumed (a
-    full disk while finishing loses nothing)."""
+    full disk while finishing loses nothing). wall_seconds is this invocation's plus the earlier
+    ones' of a resumed run."""
     out_dir = Path(out_dir)
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 3)
+    metrics["wall_seconds"] = round(time.perf_counter() - started + earlier_wall_seconds, 3)
     save_checkpoint(out_dir / CHECKPOINT, {"stage": stage, **model_payload, "metrics": metrics})
     save_json(out_dir / METRICS, metrics)
     (out_dir / STATE).unlink(missing_ok=True)

@@ -35,7 +35,8 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
                  "val_errors": count_errors(predict_logits(model, val[0], batch), val[1])["test_errors"]}
     metrics = {"stage": stage, **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
                "epochs": int(cfg.epochs), "train_images": int(train_x.shape[0]),
-               "train_seconds": round(result["train_seconds"], 3), "seed": int(cfg.seed),
+               "train_seconds": round(result["train_seconds"], 3), "invocations": result["invocations"],
+               "seed": int(cfg.seed),
                "device": str(train_x.device), "precision": cfg.precision,
                # CPU threads change float rounding (matrix-multiply blocking), so a result repeats
                # bit for bit with the same seed, machine and threads (joblib jobs run with fewer)
@@ -44,7 +45,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     payload = {"arch": model.arch, "state_dict": cpu_weights(model), "config": OmegaConf.to_container(cfg, resolve=True)}
     if teacher is not None:
         payload["teacher"] = teacher
-    return run.finish(out_dir, started, stage, payload, metrics)
+    return run.finish(out_dir, started, stage, payload, metrics, result["earlier_wall_seconds"])
 
 
 def _train_on_labels(stage, cfg, out_dir):

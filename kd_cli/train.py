@@ -156,7 +156,9 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     With `state_path`, the full training state (weights, optimizer, position, every RNG state) is
     saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
     exists, training continues from it and ends exactly where an uninterrupted run would.
-    Returns the history and train_seconds (the loop alone, without evaluation)."""
+    Returns the history, train_seconds (the loop alone, without evaluation, summed over every
+    invocation), invocations (1, plus one per resume) and earlier_wall_seconds (the wall time of
+    the earlier invocations, each up to its last saved state)."""
     n, device = x.shape[0], x.device
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     # foreach: one multi-tensor update instead of a Python loop over parameters; on CPU torch
@@ -164,15 +166,21 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay,
                           foreach=True)
-    at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    # earlier_wall_seconds: the wall time of the invocations before this one, each counted up to
+    # its last saved state, so a resumed run reports the time of the whole run, not its last part
+    at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "earlier_wall_seconds": 0.0, "invocations": 0}
     average = WeightAverage(model, recipe.average_last_epochs, recipe.epochs)
     resumed = state_path is not None and Path(state_path).exists()
     if resumed:
         state = load_checkpoint(state_path, map_location=device)
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
-        at = {k: state[k] for k in at}
+        at.update({k: state[k] for k in ("epoch", "step", "history", "train_seconds")})
+        # states saved before the wall-time keys existed lack them, and count from here
+        at.update({k: state[k] for k in ("earlier_wall_seconds", "invocations") if k in state})
         average.load(state.get("average"))
+    at["invocations"] += 1
+    invocation_started = time.perf_counter()
 
     def save(epoch, step, loss_sum, rng_epoch, mid_epoch):
         # mid_epoch: this epoch's shuffle and jitter are already drawn (even at step 0, when a stop
@@ -183,7 +191,9 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             save_checkpoint(state_path, {
                 **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
-                "train_seconds": at["train_seconds"], "loss_sum": loss_sum, "rng_epoch": rng_epoch,
+                "train_seconds": at["train_seconds"], "invocations": at["invocations"],
+                "earlier_wall_seconds": at["earlier_wall_seconds"] + time.perf_counter() - invocation_started,
+                "loss_sum": loss_sum, "rng_epoch": rng_epoch,
                 "mid_epoch": mid_epoch, "rng": rng_state(device), "average": average.state()}, durable=False)
 
     if evaluate is not None and not resumed:  # where it started: the untrained model's errors
@@ -256,4 +266,4 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     if average.count:  # the run's result is the averaged model
         model.load_state_dict(average.mean)
-    return {"history": at["history"], "train_seconds": at["train_seconds"]}
+    return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations")}

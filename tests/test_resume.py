@@ -58,6 +58,21 @@ def test_a_stop_at_any_batch_saves_there_and_resumes_to_the_untouched_run(kd, un
     assert_same_run(run_dir, untouched)
 
 
+def test_a_resumed_run_reports_the_wall_time_and_invocations_of_the_whole_run(kd, untouched):
+    """wall_seconds of a resumed run adds the earlier invocations' (the state carries them), so a
+    run continued across sessions does not report its last part as its time."""
+    run_dir = kd.cwd / "timed"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    state = load_checkpoint(run_dir / "state.pt")
+    assert state["invocations"] == 1 and 0 < state["earlier_wall_seconds"] < 600
+    earlier = 10_000.0  # as if the first invocation had run for hours: no real run is this slow
+    save_checkpoint(run_dir / "state.pt", {**state, "earlier_wall_seconds": earlier})
+    kd(RUN[0], f"resume={run_dir}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["invocations"] == 2 and earlier < metrics["wall_seconds"] < earlier + 600
+    assert json.loads((untouched / "metrics.json").read_text())["invocations"] == 1
+
+
 @pytest.mark.subprocess
 def test_kill_9_at_a_batch_restarts_from_the_last_finished_epoch(kd, untouched):
     run_dir = kd.cwd / "killed"
