@@ -59,7 +59,8 @@ def _task(stage):
     from omegaconf import open_dict
 
     from . import stages
-    from .train import Diverged, Interrupted
+    from .stopping import Interrupted
+    from .train import Diverged
 
     def task(cfg):
         hc = HydraConfig.get()

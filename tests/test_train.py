@@ -218,7 +218,7 @@ def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
     import os
     import signal
 
-    from kd_cli.train import Interrupted
+    from kd_cli.stopping import Interrupted
 
     untouched, ref = fit(0, epochs=4)
     calls = []
@@ -305,7 +305,7 @@ def test_weight_averaging_leaves_the_live_trajectory_as_a_run_without_it():
 
 
 def test_weight_averaging_resumes_to_the_untouched_run(tmp_path, monkeypatch):
-    from kd_cli.train import Interrupted
+    from kd_cli.stopping import Interrupted
 
     untouched, ref, _ = fit_averaged()
     state = tmp_path / "state.pt"
