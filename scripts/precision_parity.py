@@ -6,7 +6,7 @@ for each and the training time per epoch of each precision.
 runs, each a sweep `-m seed=0,1,2 precision=fp32,bf16` into <out>/<row>:
   student   kd train-student                          (the paper's baseline, its 20 epochs)
   teacher   kd train-teacher epochs=20                (a shorter teacher than the 500-epoch default)
-  distill   kd distill epochs=20 teacher=<the fp32 seed-0 teacher above>   (the default recipe, shortened)
+  distill   kd distill epochs=20 teacher=<the fp32 seed-0 teacher above, or --teacher>   (the default recipe, shortened)
 and prints, per row, kd report's table (test errors over seeds, per precision) and the mean
 train_seconds per epoch in bf16 over fp32. Times are only meaningful with nothing else running.
 """
@@ -40,12 +40,16 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--extra", default="", help="overrides added to every run (e.g. data.train_limit=2000)")
+    ap.add_argument("--teacher", help="the distill row's teacher (e.g. pretrained); default: the teacher row's "
+                                      "fp32 run of the first seed, which must have run into --out")
     args = ap.parse_args()
     out = Path(args.out)
     for row in args.rows:
         stage, own = ROWS[row]
         overrides = [*shlex.split(own), *shlex.split(args.extra)]
-        if row == "distill":
+        if row == "distill" and args.teacher:
+            overrides.append(f"teacher={args.teacher}")
+        elif row == "distill":
             def is_fp32_first_seed(path):
                 m = json.loads((path.parent / "metrics.json").read_text())
                 return m["precision"] == "fp32" and m["seed"] == args.seeds[0]
