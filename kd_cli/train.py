@@ -81,7 +81,7 @@ def set_rng_state(state, device):
 
 
 def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, evaluate=None,
-          desc="train", state_path=None, state_extra=None):
+          desc="train", state_path=None, state_extra=None, started=None):
     """Train `model` in place on images x [N, 28, 28] with labels y [N] (None for an unlabeled
     transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx, xb,
     shifts)`: what it must match on the batch of images idx, seen as xb, each image moved by its
@@ -94,8 +94,11 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
     exists, training continues from it and ends exactly where an uninterrupted run would.
     Returns the history, train_seconds (the loop alone, without evaluation, summed over every
-    invocation), invocations (1, plus one per resume) and earlier_wall_seconds (the wall time of
-    the earlier invocations, each up to its last saved state)."""
+    invocation), invocations (1, plus one per resume that saved a state), earlier_wall_seconds
+    (the wall time of the earlier invocations, each from `started`, the perf_counter() at which
+    its stage began, to its last saved state) and wall_partial (resumed from a state saved before
+    kd recorded wall time in it: earlier_wall_seconds is then unknown and 0)."""
+    started = time.perf_counter() if started is None else started
     n, device = x.shape[0], x.device
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     # foreach: one multi-tensor update instead of a Python loop over parameters; on CPU torch
@@ -105,7 +108,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                           foreach=True)
     # earlier_wall_seconds: the wall time of the invocations before this one, each counted up to
     # its last saved state, so a resumed run reports the time of the whole run, not its last part
-    at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "earlier_wall_seconds": 0.0, "invocations": 0}
+    at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "earlier_wall_seconds": 0.0, "invocations": 0,
+          "wall_partial": False}
     average = WeightAverage(model, recipe.average_last_epochs, recipe.epochs)
     resumed = state_path is not None and Path(state_path).exists()
     if resumed:
@@ -113,11 +117,12 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
         model.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         at.update({k: state[k] for k in ("epoch", "step", "history", "train_seconds")})
-        # states saved before the wall-time keys existed lack them, and count from here
-        at.update({k: state[k] for k in ("earlier_wall_seconds", "invocations") if k in state})
+        # a state saved before kd recorded wall time had at least one invocation, of unknown time
+        at["invocations"] = state.get("invocations", 1)
+        at["earlier_wall_seconds"] = state.get("earlier_wall_seconds", 0.0)
+        at["wall_partial"] = state.get("wall_partial", "earlier_wall_seconds" not in state)
         average.load(state.get("average"))
     at["invocations"] += 1
-    invocation_started = time.perf_counter()
 
     def save(epoch, step, loss_sum, rng_epoch, mid_epoch):
         # mid_epoch: this epoch's shuffle and jitter are already drawn (even at step 0, when a stop
@@ -128,8 +133,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             save_checkpoint(state_path, {
                 **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
-                "train_seconds": at["train_seconds"], "invocations": at["invocations"],
-                "earlier_wall_seconds": at["earlier_wall_seconds"] + time.perf_counter() - invocation_started,
+                "train_seconds": at["train_seconds"], "invocations": at["invocations"], "wall_partial": at["wall_partial"],
+                "earlier_wall_seconds": at["earlier_wall_seconds"] + time.perf_counter() - started,
                 "loss_sum": loss_sum, "rng_epoch": rng_epoch,
                 "mid_epoch": mid_epoch, "rng": rng_state(device), "average": average.state()}, durable=False)
 
@@ -203,4 +208,4 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     if average.count:  # the run's result is the averaged model
         model.load_state_dict(average.mean)
-    return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations")}
+    return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations", "wall_partial")}

@@ -258,6 +258,38 @@ def test_clip_grad_norm_bounds_each_step():
             assert step <= clip * (1 + 1e-4)  # lr 1 x a gradient rescaled to norm 1e-3
 
 
+def test_the_wall_time_a_run_returns_is_its_earlier_invocations_from_their_stages_start(tmp_path):
+    """train() returns the wall time of the invocations before this one (the stage adds its own),
+    each counted from `started`, the moment its stage began (data loading and soft targets come
+    before the loop), to its last saved state."""
+    import os
+    import signal
+    import time
+
+    from kd_cli.stopping import Interrupted
+
+    _, fresh = fit(0, epochs=2)
+    assert fresh["earlier_wall_seconds"] == 0 and fresh["invocations"] == 1  # nothing came before
+
+    state, calls = tmp_path / "state.pt", []
+
+    def stop(model):  # a stop request while epoch 1's errors are counted (call 1 is epoch 0's)
+        calls.append(model)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"test_errors": 0}
+
+    begun = time.perf_counter()
+    with pytest.raises(Interrupted):  # as if its stage had begun 1000 s before the loop
+        fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"}, evaluate=stop,
+            started=begun - 1000)
+    first = time.perf_counter() - begun
+    t0 = time.perf_counter()
+    _, out = fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"}, started=t0)
+    assert out["invocations"] == 2
+    assert 1000 <= out["earlier_wall_seconds"] <= 1000 + first  # the first one only, from its stage's start
+
+
 def fit_averaged(epochs=5, last=3, **kw):
     """fit() with weight averaging over the last `last` epochs, recording every epoch's end weights
     (evaluate runs once per epoch end on the live model, then once more on the average)."""
