@@ -43,7 +43,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
                # bit for bit with the same seed, machine and threads (joblib jobs run with fewer)
                "threads": torch.get_num_threads(), "arch": model.arch, **extra,
                "history": result["history"]}
-    if result["wall_partial"]:  # resumed from a state that predates wall-time bookkeeping
+    if result["wall_seconds_partial"]:  # resumed from a state that predates wall-time bookkeeping
         metrics["wall_seconds_partial"] = True
     payload = {"arch": model.arch, "state_dict": cpu_weights(model), "config": OmegaConf.to_container(cfg, resolve=True)}
     if teacher is not None:

@@ -96,7 +96,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     Returns the history, train_seconds (the loop alone, without evaluation, summed over every
     invocation), invocations (1, plus one per resume that saved a state), earlier_wall_seconds
     (the wall time of the earlier invocations, each from `started`, the perf_counter() at which
-    its stage began, to its last saved state) and wall_partial (resumed from a state saved before
+    its stage began, to its last saved state) and wall_seconds_partial (resumed from a state saved before
     kd recorded wall time in it: earlier_wall_seconds is then unknown and 0)."""
     started = time.perf_counter() if started is None else started
     n, device = x.shape[0], x.device
@@ -109,7 +109,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     # earlier_wall_seconds: the wall time of the invocations before this one, each counted up to
     # its last saved state, so a resumed run reports the time of the whole run, not its last part
     at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "earlier_wall_seconds": 0.0, "invocations": 0,
-          "wall_partial": False}
+          "wall_seconds_partial": False}
     average = WeightAverage(model, recipe.average_last_epochs, recipe.epochs)
     resumed = state_path is not None and Path(state_path).exists()
     if resumed:
@@ -120,7 +120,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
         # a state saved before kd recorded wall time had at least one invocation, of unknown time
         at["invocations"] = state.get("invocations", 1)
         at["earlier_wall_seconds"] = state.get("earlier_wall_seconds", 0.0)
-        at["wall_partial"] = state.get("wall_partial", "earlier_wall_seconds" not in state)
+        at["wall_seconds_partial"] = state.get("wall_seconds_partial", "earlier_wall_seconds" not in state)
         average.load(state.get("average"))
     at["invocations"] += 1
 
@@ -133,7 +133,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             save_checkpoint(state_path, {
                 **(state_extra or {}), "arch": model.arch, "state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": at["history"],
-                "train_seconds": at["train_seconds"], "invocations": at["invocations"], "wall_partial": at["wall_partial"],
+                "train_seconds": at["train_seconds"], "invocations": at["invocations"],
+                "wall_seconds_partial": at["wall_seconds_partial"],
                 "earlier_wall_seconds": at["earlier_wall_seconds"] + time.perf_counter() - started,
                 "loss_sum": loss_sum, "rng_epoch": rng_epoch,
                 "mid_epoch": mid_epoch, "rng": rng_state(device), "average": average.state()}, durable=False)
@@ -208,4 +209,5 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
     if average.count:  # the run's result is the averaged model
         model.load_state_dict(average.mean)
-    return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations", "wall_partial")}
+    return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations",
+                               "wall_seconds_partial")}

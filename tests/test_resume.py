@@ -65,7 +65,7 @@ def test_a_resumed_run_reports_the_wall_time_and_invocations_of_the_whole_run(kd
     run_dir = kd.cwd / "timed"
     kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
     state = load_checkpoint(run_dir / "state.pt")
-    assert state["invocations"] == 1 and not state["wall_partial"]
+    assert state["invocations"] == 1 and not state["wall_seconds_partial"]
     # wall time, not training time: it also holds the per-epoch evaluations and the data loading
     assert state["train_seconds"] < state["earlier_wall_seconds"] < 600
     earlier = 10_000.0  # as if the first invocation had run for hours: no real run is this slow
@@ -83,7 +83,7 @@ def test_a_state_from_before_wall_time_bookkeeping_resumes_with_its_wall_time_ma
     run_dir = kd.cwd / "old-state"
     kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
     state = load_checkpoint(run_dir / "state.pt")
-    old = {k: v for k, v in state.items() if k not in ("earlier_wall_seconds", "invocations", "wall_partial")}
+    old = {k: v for k, v in state.items() if k not in ("earlier_wall_seconds", "invocations", "wall_seconds_partial")}
     save_checkpoint(run_dir / "state.pt", old)
     kd(RUN[0], f"resume={run_dir}")
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,5 +1,7 @@
 """The training loop's schedule and repeatability."""
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -210,30 +212,34 @@ def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
     assert len(seen) == 8
 
 
+def sigint_on_second_call():
+    """A callable that sends this process SIGINT the second time it is called, which train()
+    takes as a stop request; the first call passes (as an evaluation: the untrained model's,
+    before train() installs its handler)."""
+    calls = []
+
+    def call():
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    return call
+
+
 @pytest.mark.parametrize("stop_during", ["evaluation", "batch"])
 def test_a_stop_anywhere_resumes_to_the_untouched_run(tmp_path, stop_during):
     """A signal can land while an epoch's errors are counted (the stop then happens at step 0 of
     the next epoch, after its shuffle was drawn) or between batches; either way the resumed run
     must end where an untouched one does."""
-    import os
-    import signal
-
     from kd_cli.stopping import Interrupted
 
     untouched, ref = fit(0, epochs=4)
-    calls = []
-
-    def signal_once(step_or_epoch):
-        calls.append(step_or_epoch)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # caught by train(): a stop request
-
+    signal_once = sigint_on_second_call()
     state = tmp_path / "state.pt"
     kw = {"state_path": state, "state_extra": {"stage": "train-teacher"}}
     if stop_during == "evaluation":
-        kw["evaluate"] = lambda m: (signal_once(m), {"test_errors": 0})[1]
+        kw["evaluate"] = lambda m: (signal_once(), {"test_errors": 0})[1]
     else:
-        kw["targets"] = lambda idx, xb, shifts: signal_once(xb)
+        kw["targets"] = lambda idx, xb, shifts: signal_once()
     with pytest.raises(Interrupted):
         fit(0, epochs=4, **kw)
     resumed, out = fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"})
@@ -262,8 +268,6 @@ def test_the_wall_time_a_run_returns_is_its_earlier_invocations_from_their_stage
     """train() returns the wall time of the invocations before this one (the stage adds its own),
     each counted from `started`, the moment its stage began (data loading and soft targets come
     before the loop), to its last saved state."""
-    import os
-    import signal
     import time
 
     from kd_cli.stopping import Interrupted
@@ -271,14 +275,8 @@ def test_the_wall_time_a_run_returns_is_its_earlier_invocations_from_their_stage
     _, fresh = fit(0, epochs=2)
     assert fresh["earlier_wall_seconds"] == 0 and fresh["invocations"] == 1  # nothing came before
 
-    state, calls = tmp_path / "state.pt", []
-
-    def stop(model):  # a stop request while epoch 1's errors are counted (call 1 is epoch 0's)
-        calls.append(model)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return {"test_errors": 0}
-
+    state, signal_once = tmp_path / "state.pt", sigint_on_second_call()
+    stop = lambda m: (signal_once(), {"test_errors": 0})[1]  # noqa: E731 (epoch 0's errors, then epoch 1's)
     begun = time.perf_counter()
     with pytest.raises(Interrupted):  # as if its stage had begun 1000 s before the loop
         fit(0, epochs=4, state_path=state, state_extra={"stage": "train-teacher"}, evaluate=stop,
