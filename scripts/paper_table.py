@@ -4,20 +4,26 @@
     python scripts/paper_table.py --seeds 0 --extra "epochs=1 data.train_limit=2000"   # a smoke run
     python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt
     python scripts/paper_table.py --teacher pretrained   # the students only, from the teacher kd ships
+    python scripts/paper_table.py --teacher pretrained --jobs 2   # two runs at a time, a core each
 
-Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then one seed sweep
-(`kd <stage> -m seed=...`) per student row: hard labels (student/), distilled with the default
-recipe (distilled/), and distilled in the paper's setup, `recipe=paper`: T=20 on the unjittered
-transfer set (distilled-paper-setup/). Each sweep ends with kd report's report.md in its folder;
-the rows here are kd report's, and the script prints one Markdown table: the paper's number, ours
-(mean over seeds, and each seed), the time of each run. The table is also written to table.md and
-table.json in that folder.
+Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then one run per seed of
+each student row, as a one-job sweep (`kd <stage> -m seed=<s>` into <row>/seed<s>): hard labels
+(student/), distilled with the default recipe (distilled/), and distilled in the paper's setup,
+`recipe=paper`: T=20 on the unjittered transfer set (distilled-paper-setup/). With --jobs N the
+student runs go N at a time, longest first, each with cores/N torch threads and its output in
+<row>/seed<s>.log: on a 2-core CPU two one-thread runs get more done than one two-thread run (two
+cores split a matrix multiply of these shapes poorly). Rerun into the same --out, a stopped table
+continues: finished runs are kept, stopped ones resume. The rows are kd report's; the script prints
+one Markdown table: the paper's number, ours (mean over seeds, and each seed), the time of each run.
+The table is also written to table.md and table.json in that folder.
 """
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
@@ -32,10 +38,36 @@ def kd(*args):
     subprocess.run(["kd", *args], check=True)
 
 
-def sweep(stage, folder, seeds, overrides):
-    """`kd <stage> -m seed=...` into folder: kd report's rows of its jobs, in seed order."""
-    kd(stage, "-m", f"seed={','.join(map(str, seeds))}", *overrides, f"hydra.sweep.dir={folder}")
-    return rows_of([folder])
+def seed_run(stage, folder, seed, overrides):
+    """(command, log) of one seed of a row: a one-job sweep into <folder>/seed<s>, so that the same
+    command, run again, keeps it if finished and resumes it if stopped."""
+    run = Path(folder) / f"seed{seed}"
+    return ["kd", stage, "-m", f"seed={seed}", *overrides, f"hydra.sweep.dir={run}"], run.with_suffix(".log")
+
+
+def run_all(runs, jobs):
+    """Run each (command, log), `jobs` at a time in list order; the commands that failed. One at a
+    time a run has every core and the terminal; side by side each has cores/jobs threads (kd's own
+    rule for the joblib launcher) and writes to its log, so the progress bars do not interleave."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else None
+
+    def one(run):
+        cmd, log = run
+        print("+", shlex.join(cmd) + ("" if jobs == 1 else f"  > {log}"), flush=True)
+        if jobs == 1:
+            return subprocess.run(cmd, check=False).returncode
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            return subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+
+    with ThreadPoolExecutor(jobs) as pool:
+        codes = list(pool.map(one, runs))
+    return [shlex.join(cmd) for (cmd, _), code in zip(runs, codes) if code]
+
+
+def row_of(folder):
+    """kd report's rows of a row's seed runs, in seed order."""
+    return sorted(rows_of([folder]), key=lambda r: int(r["values"]["seed"]))
 
 
 def teacher_row(ckpt):
@@ -66,7 +98,12 @@ def main():
                     help="an existing teacher checkpoint.pt, or `pretrained` (the teacher kd ships): reuse "
                          "it instead of training one (its own metrics give the teacher row)")
     ap.add_argument("--out", default=None, help="folder for the runs (default outputs/paper-table/<stamp>)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="student runs side by side, each with cores/jobs threads (default 1: one at a time, "
+                         "every core); results repeat bit for bit only at the same number of threads")
     args = ap.parse_args()
+    if args.jobs < 1:
+        raise SystemExit(f"paper_table: error: --jobs is {args.jobs}; give 1 or more")
 
     out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     extra = shlex.split(args.extra)
@@ -81,12 +118,18 @@ def main():
         kd("train-teacher", f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra),
            f"hydra.run.dir={teacher_ckpt.parent}")
     teacher = f"teacher={teacher_override(args.teacher or teacher_ckpt)}"
+    # longest first (the default recipe's 60 epochs of distillation, then the two 20-epoch rows),
+    # so that with --jobs the short runs fill in at the end
+    folders = {"distilled": (out / "distilled", "distill", [teacher, *shlex.split(args.distill_extra), *extra]),
+               "distilled_paper_setup": (out / "distilled-paper-setup", "distill", ["recipe=paper", teacher, *extra]),
+               "student": (out / "student", "train-student", extra)}
+    failed = run_all([seed_run(stage, folder, seed, overrides)
+                      for folder, stage, overrides in folders.values() for seed in args.seeds], args.jobs)
+    if failed:
+        raise SystemExit("runs that did not finish (run the same command again to continue them):\n  "
+                         + "\n  ".join(failed))
     rows = {"teacher": [teacher_row(teacher_ckpt)],
-            "student": sweep("train-student", out / "student", args.seeds, extra),
-            "distilled": sweep("distill", out / "distilled", args.seeds,
-                               [teacher, *shlex.split(args.distill_extra), *extra]),
-            "distilled_paper_setup": sweep("distill", out / "distilled-paper-setup", args.seeds,
-                                           ["recipe=paper", teacher, *extra])}
+            **{k: row_of(folders[k][0]) for k in ("student", "distilled", "distilled_paper_setup")}}
     failed = [r["job"] for v in rows.values() for r in v if r["status"] != "done"]
     if failed:
         raise SystemExit(f"runs that did not finish: {', '.join(failed)}")
@@ -112,6 +155,7 @@ def main():
                  f"{100 * closed['distilled_paper_setup']:.0f}% in the paper's setup "
                  f"(paper: {100 * (146 - 74) / (146 - 67):.0f}%). "
                  f"Whole table: {(time.time() - started) / 60:.1f} min wall"
+                 f"{f', {args.jobs} student runs at a time' if args.jobs > 1 else ''}"
                  f"{' (teacher reused from ' + str(teacher_ckpt) + ', not retrained)' if args.teacher else ''}.")
     text = "\n".join(lines)
     print(text)
