@@ -4,7 +4,7 @@
     python scripts/paper_table.py --seeds 0 --extra "epochs=1 data.train_limit=2000"   # a smoke run
     python scripts/paper_table.py --teacher outputs/paper-table/run1/teacher-seed0/checkpoint.pt
     python scripts/paper_table.py --teacher pretrained   # the students only, from the teacher kd ships
-    python scripts/paper_table.py --teacher pretrained --jobs 2   # two runs at a time, a core each
+    python scripts/paper_table.py --teacher pretrained --jobs 2   # two runs at a time, half the cores each
 
 Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then one run per seed of
 each student row, as a one-job sweep (`kd <stage> -m seed=<s>` into <row>/seed<s>): hard labels
@@ -12,8 +12,8 @@ each student row, as a one-job sweep (`kd <stage> -m seed=<s>` into <row>/seed<s
 `recipe=paper`: T=20 on the unjittered transfer set (distilled-paper-setup/). With --jobs N the
 student runs go N at a time, longest first, each with cores/N torch threads and its output in
 <row>/seed<s>.log: on a 2-core CPU two one-thread runs get more done than one two-thread run (two
-cores split a matrix multiply of these shapes poorly). Rerun into the same --out, a stopped table
-continues: finished runs are kept, stopped ones resume. The rows are kd report's; the script prints
+cores split a matrix multiply of these shapes poorly). Rerun into the same --out, a stopped or
+interrupted table continues: finished runs (the teacher's too) are kept, stopped ones resume. The rows are kd report's; the script prints
 one Markdown table: the paper's number, ours (mean over seeds, and each seed), the time of each run.
 The table is also written to table.md and table.json in that folder.
 """
@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,45 +30,68 @@ from pathlib import Path
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
 from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
+from kd_cli.run import state_of
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
 
 
-def kd(*args):
-    print("+", shlex.join(["kd", *args]), flush=True)
-    subprocess.run(["kd", *args], check=True)
+def cores():
+    """The cores this process may use (its CPU affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def teacher_run(folder, overrides):
+    """(command, log) for the table's own teacher: a new run into folder, or resume= of the one a
+    stopped table left there; None once it has finished."""
+    state = state_of(folder)
+    if state == "finished":
+        return None
+    cmd = ["kd", "train-teacher", f"resume={folder}"] if state == "stopped" else \
+        ["kd", "train-teacher", *overrides, f"hydra.run.dir={folder}"]
+    return cmd, folder.with_suffix(".log")
 
 
 def seed_run(stage, folder, seed, overrides):
     """(command, log) of one seed of a row: a one-job sweep into <folder>/seed<s>, so that the same
     command, run again, keeps it if finished and resumes it if stopped."""
-    run = Path(folder) / f"seed{seed}"
-    return ["kd", stage, "-m", f"seed={seed}", *overrides, f"hydra.sweep.dir={run}"], run.with_suffix(".log")
+    job_dir = Path(folder) / f"seed{seed}"
+    return ["kd", stage, "-m", f"seed={seed}", *overrides, f"hydra.sweep.dir={job_dir}"], job_dir.with_suffix(".log")
 
 
 def run_all(runs, jobs):
-    """Run each (command, log), `jobs` at a time in list order; the commands that failed. One at a
-    time a run has every core and the terminal; side by side each has cores/jobs threads (kd's own
-    rule for the joblib launcher) and writes to its log, so the progress bars do not interleave."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else None
+    """Run each (command, log), `jobs` at a time in list order; [(command, log, exit code)] of those
+    that failed. One at a time a run has the terminal (and every core, or OMP_NUM_THREADS); side by
+    side each gets an equal share of the cores as its threads (kd's own rule for the joblib
+    launcher) and appends its output to its log, so that progress bars do not interleave. Worker
+    threads wait on the runs, so a Ctrl-C reaches each run alone and it stops after saving (a run
+    waited on from the main thread would be killed 0.25 s later, by subprocess.run)."""
+    side_by_side = min(jobs, len(runs)) > 1
+    threads = max(1, cores() // min(jobs, len(runs))) if side_by_side else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
 
-    def one(run):
-        cmd, log = run
-        print("+", shlex.join(cmd) + ("" if jobs == 1 else f"  > {log}"), flush=True)
-        if jobs == 1:
-            return subprocess.run(cmd, check=False).returncode
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as f:
-            return subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    def one(cmd, log):
+        print("+", shlex.join(cmd) + (f"  >> {log}" if side_by_side else ""), flush=True)
+        if not side_by_side:
+            code = subprocess.run(cmd, check=False).returncode
+        else:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
+                f.flush()
+                code = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            print(f"{'done' if code == 0 else f'failed (exit {code}), see {log}'}: {shlex.join(cmd)}", flush=True)
+        return code
 
     with ThreadPoolExecutor(jobs) as pool:
-        codes = list(pool.map(one, runs))
-    return [shlex.join(cmd) for (cmd, _), code in zip(runs, codes) if code]
+        codes = list(pool.map(lambda run: one(*run), runs))
+    return [(cmd, log, code) for (cmd, log), code in zip(runs, codes) if code]
 
 
-def row_of(folder):
-    """kd report's rows of a row's seed runs, in seed order."""
-    return sorted(rows_of([folder]), key=lambda r: int(r["values"]["seed"]))
+def refuse_failed(failed):
+    if failed:
+        raise SystemExit("paper_table: error: runs that did not finish (the reason is at the end of each one's "
+                         "output; fix it, or rerun the same command if it was stopped):\n  "
+                         + "\n  ".join(f"{shlex.join(cmd)}  (exit {code}; log {log})" for cmd, log, code in failed))
 
 
 def teacher_row(ckpt):
@@ -100,13 +124,15 @@ def main():
     ap.add_argument("--out", default=None, help="folder for the runs (default outputs/paper-table/<stamp>)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="student runs side by side, each with cores/jobs threads (default 1: one at a time, "
-                         "every core); results repeat bit for bit only at the same number of threads")
+                         "with every core or OMP_NUM_THREADS); results repeat bit for bit only at the same "
+                         "number of threads")
     args = ap.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"paper_table: error: --jobs is {args.jobs}; give 1 or more")
 
     out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     extra = shlex.split(args.extra)
+    seeds = list(dict.fromkeys(args.seeds))  # a seed given twice would run twice into one folder
     started = time.time()
     if args.teacher:
         try:
@@ -115,24 +141,29 @@ def main():
             raise SystemExit(f"paper_table: error: {e}")
     else:
         teacher_ckpt = out / "teacher" / "checkpoint.pt"
-        kd("train-teacher", f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra),
-           f"hydra.run.dir={teacher_ckpt.parent}")
     teacher = f"teacher={teacher_override(args.teacher or teacher_ckpt)}"
-    # longest first (the default recipe's 60 epochs of distillation, then the two 20-epoch rows),
-    # so that with --jobs the short runs fill in at the end
-    folders = {"distilled": (out / "distilled", "distill", [teacher, *shlex.split(args.distill_extra), *extra]),
-               "distilled_paper_setup": (out / "distilled-paper-setup", "distill", ["recipe=paper", teacher, *extra]),
-               "student": (out / "student", "train-student", extra)}
-    failed = run_all([seed_run(stage, folder, seed, overrides)
-                      for folder, stage, overrides in folders.values() for seed in args.seeds], args.jobs)
-    if failed:
-        raise SystemExit("runs that did not finish (run the same command again to continue them):\n  "
-                         + "\n  ".join(failed))
+    # the student rows, longest first (the default recipe's 60 epochs of distillation, then the two
+    # 20-epoch rows), so that with --jobs the short runs fill in at the end
+    rows_to_run = {"distilled": ("distill", out / "distilled", [teacher, *shlex.split(args.distill_extra), *extra]),
+                   "distilled_paper_setup": ("distill", out / "distilled-paper-setup", ["recipe=paper", teacher, *extra]),
+                   "student": ("train-student", out / "student", extra)}
+    try:
+        if not args.teacher:
+            own = teacher_run(teacher_ckpt.parent, [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)])
+            refuse_failed(run_all([own], 1) if own else [])
+        refuse_failed(run_all([seed_run(stage, folder, seed, overrides)
+                               for stage, folder, overrides in rows_to_run.values() for seed in seeds], args.jobs))
+    except KeyboardInterrupt:
+        print("paper_table: interrupted (each run stops after saving its state); run the same command "
+              "again to continue", file=sys.stderr)
+        raise SystemExit(130) from None
+    # only the seeds asked for, in their order (an earlier call into this --out may have run others)
     rows = {"teacher": [teacher_row(teacher_ckpt)],
-            **{k: row_of(folders[k][0]) for k in ("student", "distilled", "distilled_paper_setup")}}
-    failed = [r["job"] for v in rows.values() for r in v if r["status"] != "done"]
-    if failed:
-        raise SystemExit(f"runs that did not finish: {', '.join(failed)}")
+            **{k: [r for seed in seeds for r in rows_of([rows_to_run[k][1] / f"seed{seed}"])]
+               for k in ("student", "distilled", "distilled_paper_setup")}}
+    unfinished = [r["job"] for v in rows.values() for r in v if r["status"] != "done"]
+    if unfinished:
+        raise SystemExit(f"runs that did not finish: {', '.join(unfinished)}")
     mean = {k: seed_groups(v, ["seed"])[0]["mean"] for k, v in rows.items()}
     gap = mean["student"] - mean["teacher"]
     closed = {k: (mean["student"] - mean[k]) / gap if gap > 0 else float("nan")
@@ -154,7 +185,7 @@ def main():
                  f"{100 * closed['distilled']:.0f}% of the student-teacher gap with the default recipe, "
                  f"{100 * closed['distilled_paper_setup']:.0f}% in the paper's setup "
                  f"(paper: {100 * (146 - 74) / (146 - 67):.0f}%). "
-                 f"Whole table: {(time.time() - started) / 60:.1f} min wall"
+                 f"This call: {(time.time() - started) / 60:.1f} min wall"
                  f"{f', {args.jobs} student runs at a time' if args.jobs > 1 else ''}"
                  f"{' (teacher reused from ' + str(teacher_ckpt) + ', not retrained)' if args.teacher else ''}.")
     text = "\n".join(lines)

@@ -5,10 +5,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,28 +85,61 @@ def test_paper_table_reports_the_runs_it_made(kd, tmp_path, tiny_root, monkeypat
 
 
 def test_paper_table_jobs_run_side_by_side_with_a_share_of_the_cores_and_report_failures(tmp_path, monkeypatch):
-    """--jobs 2: two runs in flight at once (each waits for the other at a barrier, which a run
-    alone would never pass), each with half the cores as torch threads and its output in its own
-    log; a failed run does not stop the others and comes back by its command."""
-    import os
-    import threading
-
+    """--jobs 4 with three runs on 12 cores: all three in flight at once (each waits for the others
+    at a barrier, which runs one after another would never pass), each with 12 // 3 = 4 threads and
+    its output appended to its own log; a failed run does not stop the others and comes back with
+    its log."""
     script = load_script("paper_table")
-    both = threading.Barrier(2, timeout=30)
+    monkeypatch.setattr(script, "cores", lambda: 12)
+    all_three = threading.Barrier(3, timeout=30)
     seen = []
 
     def fake_run(cmd, check, env, stdout, stderr):
-        both.wait()  # BrokenBarrierError unless the other run is in flight too
+        all_three.wait()  # BrokenBarrierError unless the other two runs are in flight too
         seen.append((cmd[1], env["OMP_NUM_THREADS"], stdout.name))
         return subprocess.CompletedProcess(cmd, 2 if cmd[1] == "bad" else 0)
     monkeypatch.setattr(script.subprocess, "run", fake_run)
-    runs = [(["kd", name], tmp_path / "logs" / f"{name}.log") for name in ("good", "bad")]
+    logs = tmp_path / "logs"
+    runs = [(["kd", name], logs / f"{name}.log") for name in ("good", "bad", "fine")]
     with contextlib.redirect_stdout(io.StringIO()):
-        failed = script.run_all(runs, jobs=2)
-    assert failed == ["kd bad"]
-    threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert sorted(seen) == [("bad", threads, str(tmp_path / "logs" / "bad.log")),
-                            ("good", threads, str(tmp_path / "logs" / "good.log"))]
+        failed = script.run_all(runs, jobs=4)
+    assert failed == [(["kd", "bad"], logs / "bad.log", 2)]
+    assert sorted(seen) == [(name, "4", str(logs / f"{name}.log")) for name in ("bad", "fine", "good")]
+    assert (logs / "bad.log").read_text().endswith(": kd bad\n")  # the header of this attempt
+
+
+def test_paper_table_stops_on_a_failed_run_naming_its_log(tmp_path, monkeypatch):
+    script = load_script("paper_table")
+    monkeypatch.setattr(script, "resolve_pretrained", lambda p: p)
+    monkeypatch.setattr(script, "teacher_override", lambda p: str(p))
+    monkeypatch.setattr(script, "run_all", lambda runs, jobs: [(runs[1][0], runs[1][1], 2)])
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "0", "1", "--teacher", "t.pt", "--out", str(out)])
+    log = re.escape(f"(exit 2; log {out / 'distilled' / 'seed1.log'})")
+    with pytest.raises(SystemExit, match=f"(?s)runs that did not finish.*kd distill -m seed=1 .*{log}"):
+        script.main()
+    assert not (out / "table.md").exists()
+
+
+def test_paper_table_continues_its_own_stopped_teacher_and_keeps_it_once_finished(kd, tmp_path, tiny_root, monkeypatch):
+    """Without --teacher the table trains its own: rerun after a stop, it resumes that teacher (kd
+    would refuse a new run in its folder); rerun once it has finished, it trains no teacher again."""
+    out, tiny = tmp_path / "table", ["epochs=2", "model.hidden=[16]"]
+    kd("train-teacher", "seed=0", *tiny, f"hydra.run.dir={out / 'teacher'}", check=False,
+       extra_env={"KD_TEST_SIGNAL_AT": "SIGTERM@2:0"})  # the table's teacher, stopped in its epoch 2
+    assert (out / "teacher" / "state.pt").exists() and not (out / "teacher" / "metrics.json").exists()
+    script = load_script("paper_table")
+    commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root)
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--extra", " ".join(tiny), "--out", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        script.main()
+    assert commands[0] == ["kd", "train-teacher", f"resume={out / 'teacher'}"]
+    finished = (out / "teacher" / "metrics.json").read_bytes()
+    commands.clear()
+    with contextlib.redirect_stdout(io.StringIO()):
+        script.main()
+    assert [c[1] for c in commands] == ["distill", "distill", "train-student"]
+    assert (out / "teacher" / "metrics.json").read_bytes() == finished
 
 
 def test_paper_table_means_and_gap_closed_by_hand(tmp_path, monkeypatch):
@@ -123,7 +158,9 @@ def test_paper_table_means_and_gap_closed_by_hand(tmp_path, monkeypatch):
     monkeypatch.setattr(script, "teacher_override", lambda p: str(p))
     monkeypatch.setattr(script, "teacher_row", lambda ckpt: row(0, 3))
     monkeypatch.setattr(script, "run_all", lambda runs, jobs: [])
-    monkeypatch.setattr(script, "row_of", lambda folder: canned[Path(folder).name])
+    # rows_of([<row>/seed<s>]): that seed's canned row
+    monkeypatch.setattr(script, "rows_of", lambda paths: [r for r in canned[Path(paths[0]).parent.name]
+                                                         if Path(paths[0]).name == f"seed{r['values']['seed']}"])
     out = tmp_path / "table"
     out.mkdir()
     monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "0", "1", "--teacher", "t.pt", "--out", str(out)])
