@@ -13,9 +13,10 @@ each student row, as a one-job sweep (`kd <stage> -m seed=<s>` into <row>/seed<s
 student runs go N at a time, longest first, each with cores/N torch threads and its output in
 <row>/seed<s>.log: on a 2-core CPU two one-thread runs get more done than one two-thread run (two
 cores split a matrix multiply of these shapes poorly). Rerun into the same --out, a stopped or
-interrupted table continues: finished runs (the teacher's too) are kept, stopped ones resume. The rows are kd report's; the script prints
-one Markdown table: the paper's number, ours (mean over seeds, and each seed), the time of each run.
-The table is also written to table.md and table.json in that folder.
+interrupted table continues: finished runs (the teacher's too) are kept, stopped ones resume. The
+rows are kd report's; the script prints one Markdown table: the paper's number, ours (mean over
+seeds, and each seed), the time of each run. The table is also written to table.md and table.json
+in that folder.
 """
 import argparse
 import json
