@@ -42,6 +42,14 @@ def _fail(message):
     print(f"kd: error: {message}", file=sys.stderr)
 
 
+def threads_per_job(n_jobs):
+    """Torch threads for each of n_jobs runs side by side: an equal share (at least 1) of the cores
+    this process may use. Counted from its CPU affinity, which a container or taskset narrows, not
+    from os.cpu_count(), the machine's cores: 2 allowed of 16 means 1 thread each for 2 jobs, not 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // n_jobs)
+
+
 def _share_cores(hc):
     """Jobs that run side by side (the joblib launcher's n_jobs) split the cores between them
     instead of each starting one torch thread per core and fighting over them."""
@@ -49,8 +57,7 @@ def _share_cores(hc):
     if isinstance(n_jobs, int) and n_jobs != 1:
         import torch
 
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(1 if n_jobs < 1 else max(1, cores // n_jobs))
+        torch.set_num_threads(1 if n_jobs < 1 else threads_per_job(n_jobs))  # n_jobs -1: a job per core
 
 
 def _task(stage):

@@ -29,16 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
+from kd_cli.cli import threads_per_job
 from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
 from kd_cli.run import state_of
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
-
-
-def cores():
-    """The cores this process may use (its CPU affinity, which a container or taskset narrows)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def teacher_run(folder, overrides):
@@ -67,7 +63,7 @@ def run_all(runs, jobs):
     threads wait on the runs, so a Ctrl-C reaches each run alone and it stops after saving (a run
     waited on from the main thread would be killed 0.25 s later, by subprocess.run)."""
     side_by_side = min(jobs, len(runs)) > 1
-    threads = max(1, cores() // min(jobs, len(runs))) if side_by_side else None
+    threads = threads_per_job(min(jobs, len(runs))) if side_by_side else None
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if side_by_side else None
 
     def one(cmd, log):

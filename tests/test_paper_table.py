@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import shutil
 import statistics
@@ -90,7 +91,7 @@ def test_paper_table_jobs_run_side_by_side_with_a_share_of_the_cores_and_report_
     its output appended to its own log; a failed run does not stop the others and comes back with
     its log."""
     script = load_script("paper_table")
-    monkeypatch.setattr(script, "cores", lambda: 12)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     all_three = threading.Barrier(3, timeout=30)
     seen = []
 

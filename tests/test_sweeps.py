@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from kd_cli.cli import _share_cores
 from kd_cli.report import report, seed_groups
 
 SMALL = ["model.hidden=[16]", "epochs=2", "batch_size=50"]
@@ -50,7 +52,7 @@ def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teache
     assert results(sweeps["basic"]) == results(sweeps["joblib"])
     # each joblib job had its share of the cores, recorded beside its result (threads change
     # float rounding at MNIST size; this tiny model is below where torch splits its work)
-    for launcher, threads in (("basic", torch.get_num_threads()), ("joblib", max(1, (os.cpu_count() or 1) // 2))):
+    for launcher, threads in (("basic", torch.get_num_threads()), ("joblib", max(1, len(os.sched_getaffinity(0)) // 2))):
         assert {json.loads((job / "metrics.json").read_text())["threads"] for job in jobs_of(sweeps[launcher])
                 if (job / "metrics.json").exists()} == {threads}
 
@@ -63,6 +65,24 @@ def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teache
     assert len(failed) == 2 and all("teacher checkpoint not found" in r["error"] for r in failed)
     assert all(r["test_errors"].isdigit() for r in rows if r["status"] == "done")
     assert (sweeps["joblib"] / "report.png").stat().st_size > 1000
+
+
+def test_side_by_side_jobs_split_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """In a container that allows 4 of a machine's 16 cores, 2 joblib jobs get 2 threads each (8
+    each would put 16 threads on 4 cores); n_jobs=-1 (a job per core) gets 1; the basic launcher
+    leaves torch's threads alone."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    before = torch.get_num_threads()
+    try:
+        seen = []
+        for launcher in ({"n_jobs": 2}, {"n_jobs": 3}, {"n_jobs": -1}, {}):
+            torch.set_num_threads(7)
+            _share_cores(OmegaConf.create({"launcher": launcher}))
+            seen.append(torch.get_num_threads())
+        assert seen == [2, 1, 1, 7]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_report_of_a_seed_sweep_gives_mean_and_spread_and_names_unfinished_jobs(kd, teacher):
