@@ -3,6 +3,7 @@ where a real process is the point, as the installed command).
 
 `pytest --reverse` runs the tests in reverse order: the suite must not depend on its order."""
 import contextlib
+import importlib.util
 import io
 import os
 import struct
@@ -16,6 +17,15 @@ import pytest
 
 KD = str(Path(sys.executable).with_name("kd"))
 TINY = ["model.hidden=[16]"]  # a width that learns the synthetic digits in a few epochs
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_addoption(parser):

@@ -2,7 +2,6 @@
 it prints comes from the runs it made. The script runs `kd` as a command; here each of those
 commands runs in-process (the same main() the console script calls), so no process starts."""
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -15,16 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_in_process
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "paper_table.py"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script, run_in_process
 
 
 def kd_in_process(script, monkeypatch, cwd, tiny_root, env=None):
