@@ -44,7 +44,7 @@ def _fail(message):
 
 def threads_per_job(n_jobs):
     """Torch threads for each of n_jobs runs side by side: an equal share (at least 1) of the cores
-    this process may use. Counted from its CPU affinity, which a container or taskset narrows, not
+    this process may use. Counted from its CPU affinity, which a cpuset or taskset narrows, not
     from os.cpu_count(), the machine's cores: 2 allowed of 16 means 1 thread each for 2 jobs, not 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // n_jobs)

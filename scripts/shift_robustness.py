@@ -17,6 +17,7 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,29 +28,41 @@ from kd_cli.evaluate import predict_logits
 from kd_cli.teachers import load_model
 
 
-def errors_by_ring(model, x, y, max_shift, batch_size=10000):
-    """{d: [errors on x moved by each shift of ring d]} for d = 0 .. max_shift, ring 0 being the
-    unshifted images: a shift code k (data.draw_shifts) moves by (k // side - max_shift, k % side -
-    max_shift) pixels, and its ring is the larger of the two."""
+MAX_SHIFT = 13  # kd's data.jitter allows up to 13 px on a 28-px image; (2 m + 1)^2 passes each
+
+
+def errors_by_shift(model, x, y, max_shift, batch_size=10000):
+    """{(dy, dx): errors on x moved dy px down and dx px right} for every shift with |dy|, |dx| <=
+    max_shift, (0, 0) included. A jitter code k (data.draw_shifts) takes the window at (k // side,
+    k % side) of the zero-padded image, which moves the picture by (max_shift - k // side,
+    max_shift - k % side)."""
     side = 2 * max_shift + 1
-    rings = {d: [] for d in range(max_shift + 1)}
     codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    errors = {}
     for k in range(side * side):
-        dy, dx = divmod(k, side)
-        ring = max(abs(dy - max_shift), abs(dx - max_shift))
         moved = shift_images(x, codes.fill_(k), max_shift)
-        rings[ring].append(int((predict_logits(model, moved, batch_size).argmax(1) != y).sum()))
-    return rings
+        dy, dx = max_shift - k // side, max_shift - k % side
+        errors[dy, dx] = int((predict_logits(model, moved, batch_size).argmax(1) != y).sum())
+    return errors
+
+
+def rings_of(errors):
+    """{d: [errors of each shift in ring d]} for d = 0 .. max shift: ring d holds the shifts with
+    max(|dy|, |dx|) = d (8 d of them; ring 0 is the unshifted images)."""
+    rings = {}
+    for (dy, dx), e in sorted(errors.items()):
+        rings.setdefault(max(abs(dy), abs(dx)), []).append(e)
+    return dict(sorted(rings.items()))
 
 
 def describe(ckpt):
-    """What a checkpoint is, from what it recorded: its stage, and for a student its T and jitter."""
+    """What a checkpoint is, from what it recorded: its stage, its training set's jitter, and for
+    a distilled student its T (or its loss, when that is logit matching)."""
     cfg = ckpt.get("config") or {}
     what = ckpt.get("stage", "?")
     if what == "distill":
-        T = f"{float(cfg['T']):g}" if cfg.get("loss", "kd") == "kd" else "logit_mse"
-        what += f" T={T} jitter={(cfg.get('data') or {}).get('jitter', 0)}"
-    return what
+        what += f" T={float(cfg['T']):g}" if cfg.get("loss", "kd") == "kd" else f" loss={cfg['loss']}"
+    return what + f" jitter={(cfg.get('data') or {}).get('jitter', 0)}"
 
 
 def refuse(message):
@@ -63,25 +76,29 @@ def main():
     ap.add_argument("--max-shift", type=int, default=2, help="largest shift in pixels along each axis (default 2)")
     ap.add_argument("--json", help="also write the errors of every shift here")
     args = ap.parse_args()
-    if args.max_shift < 1:
-        refuse(f"--max-shift is {args.max_shift}; give 1 or more")
-    try:  # every checkpoint is checked before any is measured
+    if not 1 <= args.max_shift <= MAX_SHIFT:
+        refuse(f"--max-shift is {args.max_shift}; give 1 to {MAX_SHIFT}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        refuse(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
+    try:  # every checkpoint loaded and measured before anything is printed or written
         _, _, x, y = load_mnist(os.environ.get("KD_DATA_ROOT", "data"))
         loaded = [(path, *load_model(resolve_pretrained(path), "cpu", "mnist")) for path in args.checkpoints]
+        measured = [(path, describe(ckpt), errors_by_shift(model, x, y, args.max_shift)) for path, ckpt, model in loaded]
     except KDError as e:
         refuse(str(e))
-    head = ["checkpoint", "what", "unshifted"] + [f"{d} px: mean (min-max)" for d in range(1, args.max_shift + 1)]
+    rings = range(1, args.max_shift + 1)
+    head = ["checkpoint", "what", "unshifted"] + [f"{d} px: mean (min-max)" for d in rings]
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
-    results = {}
-    for path, ckpt, model in loaded:
-        rings = errors_by_ring(model, x, y, args.max_shift)
-        results[path] = {"what": describe(ckpt), "errors_by_ring": rings}
-        cells = [f"{statistics.mean(e):.1f} ({min(e)}-{max(e)})" for d, e in rings.items() if d > 0]
-        print(f"| {path} | {describe(ckpt)} | {rings[0][0]} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nTest errors out of {y.numel()}; a ring's mean is over its shifts (8 at 1 px, 16 at 2 px).")
+    for path, what, errors in measured:
+        by_ring = rings_of(errors)
+        cells = [f"{statistics.mean(by_ring[d]):.1f} ({min(by_ring[d])}-{max(by_ring[d])})" for d in rings]
+        print(f"| {path} | {what} | {by_ring[0][0]} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{8 * d} at {d} px" for d in rings)
+    print(f"\nTest errors out of {y.numel()}; a ring's mean is over its shifts ({counts}).")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({path: {"what": what, "errors_by_shift": {f"{dy},{dx}": e for (dy, dx), e in errors.items()},
+                              "errors_by_ring": rings_of(errors)} for path, what, errors in measured}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,21 @@ def test_paper_table_jobs_run_side_by_side_with_a_share_of_the_cores_and_report_
     assert (logs / "bad.log").read_text().endswith(": kd bad\n")  # the header of this attempt
 
 
+def test_paper_table_shares_the_cores_among_the_runs_in_flight_not_all_runs(tmp_path, monkeypatch):
+    """--jobs 2 with three runs on 12 cores: two in flight at a time, so 6 threads each (not 4)."""
+    script = load_script("paper_table")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    seen = []
+
+    def fake_run(cmd, check, env, stdout, stderr):
+        seen.append(env["OMP_NUM_THREADS"])
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert script.run_all([(["kd", n], tmp_path / f"{n}.log") for n in "abc"], jobs=2) == []
+    assert seen == ["6"] * 3
+
+
 def test_paper_table_stops_on_a_failed_run_naming_its_log(tmp_path, monkeypatch):
     script = load_script("paper_table")
     monkeypatch.setattr(script, "resolve_pretrained", lambda p: p)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.cli import _share_cores
+from kd_cli.cli import _share_cores, threads_per_job
 from kd_cli.report import report, seed_groups
 
 SMALL = ["model.hidden=[16]", "epochs=2", "batch_size=50"]
@@ -83,6 +83,14 @@ def test_side_by_side_jobs_split_the_cores_this_process_may_use_not_the_machines
         assert seen == [2, 1, 1, 7]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cores, n_jobs, threads", [(4, 2, 2), (4, 3, 1), (4, 8, 1), (7, 2, 3), (16, 3, 5), (1, 2, 1)])
+def test_threads_per_job_is_an_equal_whole_share_of_the_allowed_cores_and_at_least_one(monkeypatch, cores, n_jobs,
+                                                                                      threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert threads_per_job(n_jobs) == threads
 
 
 def test_report_of_a_seed_sweep_gives_mean_and_spread_and_names_unfinished_jobs(kd, teacher):
