@@ -15,6 +15,7 @@ DATASETS = ("mnist", "fashion_mnist")
 # and log q, so the loss is noise (T=1e6 gave a negative loss of -5578).
 T_RANGE = (0.01, 1000.0)
 SEED_MAX = 2 ** 63 - 1  # torch's generators take 64-bit seeds
+MAX_JITTER = 13  # px: a 28-px image moved further keeps half of itself or less
 
 
 def _is_int(v):
@@ -101,7 +102,7 @@ SCHEMA = {
     "data.root": text(),
     "data.download": flag(),
     "data.train_limit": null_or(integer(1)),
-    "data.jitter": integer(0, 13),
+    "data.jitter": integer(0, MAX_JITTER),
     "data.val_size": integer(0),
     "data.transfer.exclude": digits(),
     "data.transfer.include": null_or(digits()),

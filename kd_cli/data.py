@@ -90,6 +90,14 @@ def shift_images(images, shifts, max_shift):
     return out
 
 
+def every_shift(images, max_shift):
+    """(k, the images [N, H, W] all moved by code k) for every jitter code k in turn (see
+    draw_shifts; code k moves a picture by (max_shift - k // side, max_shift - k % side) px)."""
+    same = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
+    for k in range((2 * max_shift + 1) ** 2):
+        yield k, shift_images(images, same.fill_(k), max_shift)
+
+
 def jitter(images, max_shift):
     """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
     axis, filling with zeros (draw_shifts, then shift_images). max_shift 0 returns the images."""

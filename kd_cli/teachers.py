@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import check_model, load_checkpoint, newest_checkpoint, resolve_pretrained, sha256_of
 from .config import COMBINE
-from .data import shift_images
+from .data import every_shift
 from .errors import KDError
 from .losses import soft_targets
 from .models import build_mlp
@@ -157,9 +157,8 @@ class SoftTargets:
             self.cached = self.of(x)  # [N, C]
         else:
             codes = (2 * self.max_shift + 1) ** 2
-            same = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-            for k in range(codes):  # row k: the targets of every image moved by code k, filled in place
-                row = self.of(shift_images(x, same.fill_(k), self.max_shift))
+            for k, moved in every_shift(x, self.max_shift):  # row k: the targets of every image moved by code k
+                row = self.of(moved)
                 if self.cached is None:
                     self.cached = row.new_empty((codes, *row.shape))
                 self.cached[k] = row

@@ -19,30 +19,20 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from kd_cli.checkpoint import resolve_pretrained
-from kd_cli.data import load_mnist, shift_images
+from kd_cli.config import MAX_JITTER
+from kd_cli.data import every_shift, load_mnist
 from kd_cli.errors import KDError
 from kd_cli.evaluate import predict_logits
 from kd_cli.teachers import load_model
 
 
-MAX_SHIFT = 13  # kd's data.jitter allows up to 13 px on a 28-px image; (2 m + 1)^2 passes each
-
-
 def errors_by_shift(model, x, y, max_shift, batch_size=10000):
     """{(dy, dx): errors on x moved dy px down and dx px right} for every shift with |dy|, |dx| <=
-    max_shift, (0, 0) included. A jitter code k (data.draw_shifts) takes the window at (k // side,
-    k % side) of the zero-padded image, which moves the picture by (max_shift - k // side,
-    max_shift - k % side)."""
-    side = 2 * max_shift + 1
-    codes = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    errors = {}
-    for k in range(side * side):
-        moved = shift_images(x, codes.fill_(k), max_shift)
-        dy, dx = max_shift - k // side, max_shift - k % side
-        errors[dy, dx] = int((predict_logits(model, moved, batch_size).argmax(1) != y).sum())
+    max_shift, (0, 0) included (data.every_shift's codes, decoded)."""
+    side, errors = 2 * max_shift + 1, {}
+    for k, moved in every_shift(x, max_shift):
+        errors[max_shift - k // side, max_shift - k % side] = int((predict_logits(model, moved, batch_size).argmax(1) != y).sum())
     return errors
 
 
@@ -76,21 +66,23 @@ def main():
     ap.add_argument("--max-shift", type=int, default=2, help="largest shift in pixels along each axis (default 2)")
     ap.add_argument("--json", help="also write the errors of every shift here")
     args = ap.parse_args()
-    if not 1 <= args.max_shift <= MAX_SHIFT:
-        refuse(f"--max-shift is {args.max_shift}; give 1 to {MAX_SHIFT}")
+    if not 1 <= args.max_shift <= MAX_JITTER:  # kd's own bound on data.jitter
+        refuse(f"--max-shift is {args.max_shift}; give 1 to {MAX_JITTER}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         refuse(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
     try:  # every checkpoint loaded and measured before anything is printed or written
         _, _, x, y = load_mnist(os.environ.get("KD_DATA_ROOT", "data"))
         loaded = [(path, *load_model(resolve_pretrained(path), "cpu", "mnist")) for path in args.checkpoints]
-        measured = [(path, describe(ckpt), errors_by_shift(model, x, y, args.max_shift)) for path, ckpt, model in loaded]
+        measured = []
+        for path, ckpt, model in loaded:
+            errors = errors_by_shift(model, x, y, args.max_shift)
+            measured.append((path, describe(ckpt), errors, rings_of(errors)))
     except KDError as e:
         refuse(str(e))
     rings = range(1, args.max_shift + 1)
     head = ["checkpoint", "what", "unshifted"] + [f"{d} px: mean (min-max)" for d in rings]
     print("| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
-    for path, what, errors in measured:
-        by_ring = rings_of(errors)
+    for path, what, _, by_ring in measured:
         cells = [f"{statistics.mean(by_ring[d]):.1f} ({min(by_ring[d])}-{max(by_ring[d])})" for d in rings]
         print(f"| {path} | {what} | {by_ring[0][0]} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{8 * d} at {d} px" for d in rings)
@@ -98,7 +90,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({path: {"what": what, "errors_by_shift": {f"{dy},{dx}": e for (dy, dx), e in errors.items()},
-                              "errors_by_ring": rings_of(errors)} for path, what, errors in measured}, f, indent=1)
+                              "errors_by_ring": by_ring} for path, what, errors, by_ring in measured}, f, indent=1)
 
 
 if __name__ == "__main__":
