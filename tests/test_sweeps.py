@@ -68,7 +68,7 @@ def test_basic_and_joblib_sweeps_agree_and_a_failed_job_loses_nothing(kd, teache
 
 
 def test_side_by_side_jobs_split_the_cores_this_process_may_use_not_the_machines(monkeypatch):
-    """In a container that allows 4 of a machine's 16 cores, 2 joblib jobs get 2 threads each (8
+    """In a cpuset that allows 4 of a machine's 16 cores, 2 joblib jobs get 2 threads each (8
     each would put 16 threads on 4 cores); n_jobs=-1 (a job per core) gets 1; the basic launcher
     leaves torch's threads alone."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
