@@ -129,6 +129,7 @@ SCHEMA = {
     "loss": choice(*LOSSES),
     "teacher": null_or(paths()),
     "teacher_combine": choice(*COMBINE),
+    "teacher_cache": null_or(text()),
     # evaluate
     "checkpoint": paths(),
     "combine": choice(*COMBINE),

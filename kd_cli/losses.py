@@ -14,7 +14,7 @@ def hard_label_loss(student_logits, labels, target=None):
 
 def soft_targets(teacher_logits, T):
     """log p = log_softmax(v / T). Kept as log-probabilities: exact where p underflows to 0."""
-    return F.log_softmax(teacher_logits / T, dim=1)
+    return F.log_softmax(teacher_logits / T, dim=-1)  # [N, C], or [copies, N, C]
 
 
 def soft_loss(student_logits, log_p, T):

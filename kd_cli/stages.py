@@ -16,6 +16,7 @@ from .evaluate import bias_correction, count_errors, predict_logits
 from .losses import distillation_loss, hard_label_loss, logit_matching_loss
 from .prepare import data_of, device_of, errors_fn, model_of, recipe_of
 from .specialists import covariance_clusters, evaluate_combination, train_specialist
+from .teacher_cache import logits_source
 from .teachers import SoftTargets, caches_shifts, combine_log_probs, load_model, load_teacher, resolve_teacher
 from .train import Diverged, train
 
@@ -94,8 +95,11 @@ def distill(cfg, out_dir):
     # the teachers run once, before training (over the transfer set, or each of its shifted
     # copies), or on every jittered batch in a run too short for the copies to pay
     shift = int(cfg.data.jitter)
+    logits_of, kept = logits_source(cfg.teacher_cache, [i["sha256"] for i in infos], train_x, shift,
+                                    int(cfg.eval_batch_size))
     targets = SoftTargets(teachers, T, train_x, kind, cfg.teacher_combine, max_shift=shift,
-                          per_batch=not caches_shifts(int(cfg.epochs), shift), batch_size=int(cfg.eval_batch_size))
+                          per_batch=not caches_shifts(int(cfg.epochs), shift), batch_size=int(cfg.eval_batch_size),
+                          logits_of=logits_of)
     del teachers  # SoftTargets holds them as long as it needs them
     if kind == "logit_mse":
         loss_fn = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
@@ -104,7 +108,8 @@ def distill(cfg, out_dir):
     record = [{"path": i["path"], "sha256": i["sha256"]} for i in infos]
     ensemble = {"teacher_combine": cfg.teacher_combine} if len(infos) > 1 and kind != "logit_mse" else {}
     extra = {"T": T if kind == "kd" else None, "alpha": alpha, "loss": kind, **ensemble,
-             "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer}
+             "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer,
+             "teacher_logits": kept or None}  # the cache files read (reused) or written, if any
     model = model_of(cfg, train_x.device, train_x[0].numel())
     try:
         return _fit_and_finish("distill", cfg, out_dir, started, data, model, train_y if alpha > 0 else None,

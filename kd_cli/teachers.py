@@ -129,6 +129,20 @@ def teacher_logits(model, x, batch_size=10000):
     return torch.cat([model(chunk) for chunk in x.split(batch_size)])
 
 
+def shifted_logits(model, x, max_shift, batch_size=10000):
+    """The teacher's logits over x moved by each jitter code k (data.draw_shifts), as [codes, N, C]:
+    over x itself, [1, N, C], when max_shift is 0."""
+    if max_shift == 0:
+        return teacher_logits(model, x, batch_size)[None]
+    out = None
+    for k, moved in every_shift(x, max_shift):
+        row = teacher_logits(model, moved, batch_size)
+        if out is None:
+            out = row.new_empty(((2 * max_shift + 1) ** 2, *row.shape))
+        out[k] = row
+    return out
+
+
 def caches_shifts(epochs, max_shift):
     """Whether a run of `epochs` on a transfer set jittered by up to max_shift px runs its teachers
     once over every shifted copy of the set ((2 max_shift + 1)^2 passes, before training) rather
@@ -142,35 +156,35 @@ class SoftTargets:
     autograd. Without jitter they run once, over the transfer set `x`. With a transfer set jittered
     by up to `max_shift` px they run either on each batch as the student sees it (`per_batch`) or,
     once, over each of the set's (2 max_shift + 1)^2 shifted copies (25 at 2 px: 60 MB for MNIST),
-    instead of once an epoch (60 times in the default recipe): see caches_shifts. Called as
-    targets(idx, xb, shifts): the batch's indices into the transfer set, its images as the student
-    sees them, and their jitter codes (data.draw_shifts; None without jitter)."""
+    instead of once an epoch (60 times in the default recipe): see caches_shifts. Run once, each
+    teacher's logits come from `logits_of(i, teacher)` ([codes, N, C], shifted_logits' layout;
+    shifted_logits itself by default, teacher_cache's file of an earlier run in kd distill).
+    Called as targets(idx, xb, shifts): the batch's indices into the transfer set, its images as
+    the student sees them, and their jitter codes (data.draw_shifts; None without jitter)."""
 
     def __init__(self, teachers, T, x, kind="kd", combine="arithmetic", max_shift=0, per_batch=False,
-                 batch_size=10000):
+                 batch_size=10000, logits_of=None):
         self.teachers, self.T, self.kind, self.combine = list(teachers), float(T), kind, combine
         self.batch_size, self.max_shift = batch_size, int(max_shift)
         self.per_batch, self.cached = per_batch and self.max_shift > 0, None
         if self.per_batch:
             return
+        logits_of = logits_of or (lambda i, teacher: shifted_logits(teacher, x, self.max_shift, batch_size))
+        self.cached = self.combined([logits_of(i, t) for i, t in enumerate(self.teachers)])
         if self.max_shift == 0:
-            self.cached = self.of(x)  # [N, C]
-        else:
-            codes = (2 * self.max_shift + 1) ** 2
-            for k, moved in every_shift(x, self.max_shift):  # row k: the targets of every image moved by code k
-                row = self.of(moved)
-                if self.cached is None:
-                    self.cached = row.new_empty((codes, *row.shape))
-                self.cached[k] = row
+            self.cached = self.cached[0]  # [N, C]: one copy, the set itself
         self.teachers = []  # never run again: let their memory go
 
-    def of(self, x):
-        logits = [teacher_logits(t, x, self.batch_size) for t in self.teachers]
+    def combined(self, logits):
+        """The teachers' logits [..., C] as what the student matches."""
         if self.kind == "logit_mse":
             return torch.stack(logits).mean(0) if len(logits) > 1 else logits[0]
         if len(logits) == 1:
             return soft_targets(logits[0], self.T)
         return combine_log_probs(torch.stack([soft_targets(v, self.T) for v in logits]), self.combine)
+
+    def of(self, x):
+        return self.combined([teacher_logits(t, x, self.batch_size) for t in self.teachers])
 
     def __call__(self, idx, xb, shifts=None):
         if self.per_batch:

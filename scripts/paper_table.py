@@ -10,7 +10,7 @@ Runs the installed `kd`: one teacher (outputs/paper-table/<stamp>/teacher), then
 each student row, as a one-job sweep (`kd <stage> -m seed=<s>` into <row>/seed<s>): hard labels
 (student/), distilled with the default recipe (distilled/), and distilled in the paper's setup,
 `recipe=paper`: T=20 on the unjittered transfer set (distilled-paper-setup/). With --jobs N the
-student runs go N at a time, longest first, each with cores/N torch threads and its output in
+student runs go N at a time, longest first (see in_order), each with cores/N torch threads and its output in
 <row>/seed<s>.log: on a 2-core CPU two one-thread runs get more done than one two-thread run (two
 cores split a matrix multiply of these shapes poorly). Rerun into the same --out, a stopped or
 interrupted table continues: finished runs (the teacher's too) are kept, stopped ones resume. The
@@ -84,6 +84,16 @@ def run_all(runs, jobs):
     return [(cmd, log, code) for (cmd, log), code in zip(runs, codes) if code]
 
 
+def in_order(runs, jobs):
+    """The student runs, longest first (the default recipe's 60 epochs of distillation, then the two
+    20-epoch rows), so that with --jobs the short runs fill in at the end; but the default recipe's
+    first seed runs the teacher over the 25 shifted copies of the transfer set and keeps its logits
+    for the other seeds (kd's teacher_cache), which wait for them: while it does, the other
+    jobs - 1 runs at hand are hard-label students, which need no teacher."""
+    student, first = runs["student"], runs["distilled"][:1]
+    return [*first, *student[:jobs - 1], *runs["distilled"][1:], *runs["distilled_paper_setup"], *student[jobs - 1:]]
+
+
 def refuse_failed(failed):
     if failed:
         raise SystemExit("paper_table: error: runs that did not finish (the reason is at the end of each one's "
@@ -139,8 +149,6 @@ def main():
     else:
         teacher_ckpt = out / "teacher" / "checkpoint.pt"
     teacher = f"teacher={teacher_override(args.teacher or teacher_ckpt)}"
-    # the student rows, longest first (the default recipe's 60 epochs of distillation, then the two
-    # 20-epoch rows), so that with --jobs the short runs fill in at the end
     rows_to_run = {"distilled": ("distill", out / "distilled", [teacher, *shlex.split(args.distill_extra), *extra]),
                    "distilled_paper_setup": ("distill", out / "distilled-paper-setup", ["recipe=paper", teacher, *extra]),
                    "student": ("train-student", out / "student", extra)}
@@ -148,8 +156,9 @@ def main():
         if not args.teacher:
             own = teacher_run(teacher_ckpt.parent, [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)])
             refuse_failed(run_all([own], 1) if own else [])
-        refuse_failed(run_all([seed_run(stage, folder, seed, overrides)
-                               for stage, folder, overrides in rows_to_run.values() for seed in seeds], args.jobs))
+        refuse_failed(run_all(in_order({k: [seed_run(stage, folder, seed, overrides) for seed in seeds]
+                                        for k, (stage, folder, overrides) in rows_to_run.items()}, args.jobs),
+                              args.jobs))
     except KeyboardInterrupt:
         print("paper_table: interrupted (each run stops after saving its state); run the same command "
               "again to continue", file=sys.stderr)

@@ -74,6 +74,25 @@ def write_root(root, n_train=600, n_test=200, seed=0):
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _teacher_cache_out_of_home(tmp_path_factory):
+    """kd distill keeps teachers' logits in KD_CACHE_DIR (default ~/.cache/kd): never the user's
+    home from a test, whatever fixture scope distills."""
+    saved = os.environ.get("KD_CACHE_DIR")
+    os.environ["KD_CACHE_DIR"] = str(tmp_path_factory.mktemp("kd-cache-session"))
+    yield
+    os.environ.pop("KD_CACHE_DIR") if saved is None else os.environ.update(KD_CACHE_DIR=saved)
+
+
+@pytest.fixture(autouse=True)
+def teacher_cache(tmp_path_factory, monkeypatch):
+    """A cache of teachers' logits of this test's own, so that a teacher runs in every test that
+    watches it run (a test that reuses a file says so by distilling twice)."""
+    folder = tmp_path_factory.mktemp("kd-cache")
+    monkeypatch.setenv("KD_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     """A data root with 600 training and 200 test images under MNIST/raw."""

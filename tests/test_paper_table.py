@@ -114,6 +114,20 @@ def test_paper_table_shares_the_cores_among_the_runs_in_flight_not_all_runs(tmp_
     assert seen == ["6"] * 3
 
 
+@pytest.mark.parametrize("jobs,want", [
+    (1, "d0 d1 d2 p0 p1 p2 s0 s1 s2"),  # one at a time: longest first
+    (2, "d0 s0 d1 d2 p0 p1 p2 s1 s2"),  # beside the first distillation's teacher passes: a student
+    (3, "d0 s0 s1 d1 d2 p0 p1 p2 s2"),
+    (5, "d0 s0 s1 s2 d1 d2 p0 p1 p2")])
+def test_paper_table_runs_students_beside_the_first_distillation_while_it_keeps_the_teachers_logits(jobs, want):
+    """The other default-recipe seeds wait on the first one's teacher logits (teacher_cache): the
+    runs beside it meanwhile are those that need no teacher."""
+    script = load_script("paper_table")
+    runs = {row: [f"{row[0]}{seed}" for seed in range(3)] for row in ("distilled", "distilled_paper_setup", "student")}
+    runs["distilled_paper_setup"] = [f"p{seed}" for seed in range(3)]
+    assert " ".join(script.in_order(runs, jobs)) == want
+
+
 def test_paper_table_stops_on_a_failed_run_naming_its_log(tmp_path, monkeypatch):
     script = load_script("paper_table")
     monkeypatch.setattr(script, "resolve_pretrained", lambda p: p)
