@@ -90,7 +90,7 @@ SCHEMA = {
     "seed": integer(0, SEED_MAX),
     "device": device(),
     "eval_batch_size": integer(1),
-    "precision": choice("fp32", "bf16"),
+    "precision": choice("auto", "fp32", "bf16"),
     "resume": null_or(text()),
     # the model
     "model.hidden": widths(),

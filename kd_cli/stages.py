@@ -29,7 +29,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
                    evaluate=errors_fn(test_x, test_y, val, batch), desc=stage,
-                   state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher},
+                   state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher, "precision": cfg.precision},
                    started=started)
     counts = count_errors(predict_logits(model, test_x, batch), test_y)
     if val is not None:
@@ -55,7 +55,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
 def _train_on_labels(stage, cfg, out_dir):
     started = time.perf_counter()
     state = run.start(out_dir, cfg.get("resume"))
-    data, transfer = data_of(cfg, device_of(cfg))
+    data, transfer = data_of(cfg, device_of(cfg, state))
     model = model_of(cfg, data[0].device, data[0][0].numel())
     return _fit_and_finish(stage, cfg, out_dir, started, data, model, data[1], hard_label_loss,
                            {"transfer": transfer}, state)
@@ -88,7 +88,7 @@ def distill(cfg, out_dir):
     started = time.perf_counter()
     state = run.start(out_dir, cfg.resume)
     paths = resolve_teacher(cfg.teacher) if state is None else _recorded_teachers(state)
-    data, transfer = data_of(cfg, device_of(cfg))
+    data, transfer = data_of(cfg, device_of(cfg, state))
     train_x, train_y = data[0], data[1]
     teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name) for p in paths))
     T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss

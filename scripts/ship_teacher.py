@@ -30,9 +30,13 @@ WHOLE_SET = {"name": "mnist", "train_limit": None, "val_size": 0,
 
 
 def command_of(run):
-    """The kd command that trains `run` again from scratch (its own overrides, without resume=)."""
+    """The kd command that trains `run` again from scratch: its own overrides, without resume=, and
+    the precision it ran in when it did not name one (precision=auto settles by machine)."""
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) or []
-    return shlex.join(["kd", "train-teacher", *[o for o in overrides if not o.split("=")[0] in ("resume", "+resume")]])
+    keep = [o for o in overrides if not o.split("=")[0] in ("resume", "+resume")]
+    if not any(o.split("=")[0] == "precision" for o in keep):
+        keep.append(f"precision={json.loads((run / 'metrics.json').read_text())['precision']}")
+    return shlex.join(["kd", "train-teacher", *keep])
 
 
 def refusal(run, into, paper_arch=True):

@@ -67,7 +67,7 @@ def test_every_optim_key_reaches_the_training_recipe():
     assert recipe_of(composed("train-teacher", "recipe=hinton2012")) == Recipe(
         epochs=3000, batch_size=100, lr=10.0, momentum=0.99, momentum_start=0.5, momentum_ramp_epochs=500,
         nesterov=False, weight_decay=0.0, schedule="exponential", warmup_epochs=0, lr_decay=0.998,
-        lr_times_one_minus_momentum=True, clip_grad_norm=None, precision="fp32", average_last_epochs=0)
+        lr_times_one_minus_momentum=True, clip_grad_norm=None, precision="auto", average_last_epochs=0)
     cfg = composed("train-student", "epochs=7", "batch_size=33", "lr=0.07", "optim.momentum=0.8",
                    "optim.momentum_start=0.6", "optim.momentum_ramp_epochs=3", "optim.nesterov=false",
                    "optim.weight_decay=0.001", "optim.schedule=cosine", "optim.warmup_epochs=1.5",
