@@ -153,14 +153,23 @@ def sweep_overrides(stage, sweep_dir):
     return ["-m", *task, *own, f"hydra.sweep.dir={sweep_dir}"]
 
 
-def _first_difference(now, then, prefix=""):
+# keys whose recorded value may differ from the one composed now without changing what the rest
+# of a stopped run trains: where teachers' logits are kept (no such key before 2026-12-04), and
+# precision=auto where the run recorded fp32, the default before auto: a resumed run's precision is
+# its state's (prepare.device_of), fp32 for a state saved before auto. Not for a sweep's jobs not
+# yet started, which would then train in another precision than its earlier jobs.
+RESUMES_ACROSS = {"teacher_cache": lambda then, now: True,
+                  "precision": lambda then, now: then == "fp32" and now == "auto"}
+
+
+def _first_difference(now, then, prefix="", allowed=None):
     for key in sorted(set(now) | set(then), key=str):
         a, b = now.get(key, "<absent>"), then.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
-            found = _first_difference(a, b, f"{prefix}{key}.")
+            found = _first_difference(a, b, f"{prefix}{key}.", allowed)
             if found:
                 return found
-        elif a != b:
+        elif a != b and not (allowed and f"{prefix}{key}" in allowed and allowed[f"{prefix}{key}"](b, a)):
             return f"{prefix}{key}", a, b
     return None
 
@@ -182,7 +191,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
         if overrides != job:
             raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
                           f"job {num} with [{' '.join(job)}]; {again}")
-        differs = _first_difference(compose_job(job), config)
+        differs = _first_difference(compose_job(job), config, allowed={"teacher_cache": RESUMES_ACROSS["teacher_cache"]})
         if differs:
             key, now, then = differs
             raise KDError(f"sweep job {folder.name} ran with {key}={then!r}, and this sweep would run it with "
@@ -195,7 +204,7 @@ def check_resume_config(run_dir, config_now):
     the run would silently train with it."""
     _, config = recorded_config(run_dir)
     differs = _first_difference({k: v for k, v in config_now.items() if k != "resume"},
-                                {k: v for k, v in config.items() if k != "resume"})
+                                {k: v for k, v in config.items() if k != "resume"}, allowed=RESUMES_ACROSS)
     if differs:
         key, now, then = differs
         raise KDError(f"{run_dir} started with {key}={then!r}, and its command now gives {key}={now!r} (a config "

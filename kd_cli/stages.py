@@ -29,7 +29,8 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
                    evaluate=errors_fn(test_x, test_y, val, batch), desc=stage,
-                   state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher, "precision": cfg.precision},
+                   state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher,
+                                                                  "precision": cfg.precision},
                    started=started)
     counts = count_errors(predict_logits(model, test_x, batch), test_y)
     if val is not None:
@@ -220,6 +221,7 @@ def train_specialists(cfg, out_dir):
                "specialists": [{k: v for k, v in r.items() if k not in ("state_dict", "arch")} for r in records],
                "generalist": info, "transfer": transfer, "epochs": int(cfg.epochs),
                "train_images": int(train_x.shape[0]), "seed": int(cfg.seed), "device": str(train_x.device),
+               "precision": cfg.precision, "threads": torch.get_num_threads(),
                "train_seconds": round(sum(r["train_seconds"] for r in records), 3),
                "invocations": 1}  # specialists keep no resumable state: one invocation
     run.finish(out_dir, started, "train-specialists", {

@@ -18,26 +18,54 @@ import torch
 FORMAT = 1  # bump when what a file holds changes: older files are then never matched
 
 
+# the modules whose code computes the logits: the model, the shifts, the teachers' passes
+CODE = ("models.py", "data.py", "teachers.py")
+# /proc/cpuinfo fields that name a CPU and its instruction sets (x86, then ARM)
+CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+              "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "CPU revision", "Features")
+# environment variables that change which kernels the math libraries pick on the same CPU
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE")
+
+
+def cpu_identity(cpuinfo):
+    """The CPU as /proc/cpuinfo's first processor names it: model and instruction sets."""
+    first = cpuinfo.split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    return "; ".join(f"{k}={fields[k]}" for k in CPU_FIELDS if k in fields)
+
+
 def hardware(device):
-    """What the float rounding of a matrix multiply depends on besides the code: the GPU, or the
-    CPU's model and its instruction sets (a library picks its kernels by them)."""
+    """What the float rounding of a matrix multiply depends on besides kd's code and torch: the
+    GPU and its TF32 settings, or the CPU's model, its instruction sets and the kernels torch and
+    its libraries choose on it."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+        return (f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+                f" tf32={torch.backends.cuda.matmul.allow_tf32},{torch.backends.cudnn.allow_tf32}"
+                f" matmul={torch.get_float32_matmul_precision()}")
     try:
-        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
     except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    return " ".join(fields.get(k, "").strip() for k in ("vendor_id", "cpu family", "model", "model name", "flags"))
+        cpu = ""
+    env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ)
+    return f"{platform.machine()} {platform.processor()} {cpu} aten={torch.backends.cpu.get_cpu_capability()} {env}".strip()
 
 
-def identity(teacher_sha256, x, max_shift, batch_size):
-    """Everything a teacher's logits over x (shifted_logits) depend on, as a dict."""
-    images = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return {"format": FORMAT, "teacher_sha256": teacher_sha256, "images_sha256": images,
+def code_sha256():
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in CODE)).hexdigest()
+
+
+def images_sha256(x):
+    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def identity(teacher_sha256, x, max_shift, batch_size, images=None):
+    """Everything a teacher's logits over x (shifted_logits) depend on, as a dict (`images`: x's
+    images_sha256, when the caller has it already)."""
+    return {"format": FORMAT, "teacher_sha256": teacher_sha256, "images_sha256": images or images_sha256(x),
             "images_shape": list(x.shape), "max_shift": int(max_shift), "batch_size": int(batch_size),
             "device": x.device.type, "hardware": hardware(x.device), "threads": torch.get_num_threads(),
-            "torch": str(torch.__version__)}
+            "torch": str(torch.__version__), "code_sha256": code_sha256()}
 
 
 def file_for(folder, what):
@@ -74,17 +102,37 @@ def _lock(path):
         return None
     f = open(path.with_name(path.name + ".lock"), "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"kd: waiting for another run to finish the teacher's logits ({path.name})", file=sys.stderr, flush=True)
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kd: waiting for another run to finish the teacher's logits ({path.name})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+    except BaseException:
+        f.close()
+        raise
     return f
 
 
+def _keep(path, what, logits):
+    """Write the file whole or not at all; True when it was kept. Any failure to write (a full disk,
+    the folder deleted meanwhile) costs only the time; an interruption leaves no partial file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"what": what, "logits": logits.cpu()}, tmp)
+        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
+        return True
+    except Exception as e:  # noqa: BLE001 -- torch.save reports a full disk as RuntimeError
+        _warn(f"could not keep the teacher's logits in {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              "this run goes on without")
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cached_logits(folder, what, device, compute):
-    """(logits, path, reused): those of the file for `what` in `folder`, or compute() kept there.
-    A folder that cannot be written costs only the time: the logits are computed and a warning
-    says why they were not kept."""
+    """(logits, path, reused): those of the file for `what` in `folder`, or compute() kept there
+    (path None when it could not be). A folder that cannot be made or written costs only the time:
+    the logits are computed and a warning says why they were not kept."""
     path = file_for(folder, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,18 +145,10 @@ def cached_logits(folder, what, device, compute):
         held = _load(path, what, device)
         if held is not None:
             return held, path, True
+        for stale in path.parent.glob(f"{path.name}.*.tmp"):  # a killed run's; the lock says none is live
+            stale.unlink(missing_ok=True)
         logits = compute()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save({"what": what, "logits": logits.cpu()}, tmp)
-            os.replace(tmp, path)  # whole or absent: a reader never sees half a file
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if not isinstance(e, OSError):
-                raise
-            _warn(f"could not keep the teacher's logits in {path} ({e.strerror}); this run goes on without")
-            return logits, None, False
-        return logits, path, False
+        return logits, (path if _keep(path, what, logits) else None), False
     finally:
         if lock is not None:
             lock.close()
@@ -119,14 +159,15 @@ def logits_source(folder, teacher_shas, x, max_shift, batch_size):
     reused): the teachers' logits over x from `folder`, or computed as ever when folder is None."""
     from .teachers import shifted_logits
 
-    kept = []
+    kept, images = [], []
 
     def logits_of(i, teacher):
         def compute():
             return shifted_logits(teacher, x, max_shift, batch_size)
         if folder is None:
             return compute()
-        what = identity(teacher_shas[i], x, max_shift, batch_size)
+        images[:] = images or [images_sha256(x)]  # hashed once for every teacher of an ensemble
+        what = identity(teacher_shas[i], x, max_shift, batch_size, images[0])
         logits, path, reused = cached_logits(folder, what, x.device, compute)
         kept.append({"file": None if path is None else str(path), "reused": reused})
         return logits

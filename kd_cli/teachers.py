@@ -170,18 +170,35 @@ class SoftTargets:
         if self.per_batch:
             return
         logits_of = logits_of or (lambda i, teacher: shifted_logits(teacher, x, self.max_shift, batch_size))
-        self.cached = self.combined([logits_of(i, t) for i, t in enumerate(self.teachers)])
+        self.cached = self.combined(logits_of(i, t) for i, t in enumerate(self.teachers))
         if self.max_shift == 0:
             self.cached = self.cached[0]  # [N, C]: one copy, the set itself
         self.teachers = []  # never run again: let their memory go
 
     def combined(self, logits):
-        """The teachers' logits [..., C] as what the student matches."""
+        """The teachers' logits [..., C], one teacher's at a time (an iterable: an ensemble's 25
+        shifted copies are 60 MB a teacher), as what the student matches: for logit_mse their
+        mean; else one teacher's log p, or the ensemble's (combine_log_probs' formulas, summed up
+        teacher by teacher)."""
+        total, k = None, 0
+        for v in logits:
+            term = v if self.kind == "logit_mse" else soft_targets(v, self.T)
+            if total is None:
+                total = term
+            elif self.kind != "logit_mse" and self.combine == "arithmetic":
+                total = torch.logaddexp(total, term)  # log sum_k p_k
+            else:
+                total = total + term  # sum of logits, or of log p
+            k += 1
+        if k == 1:
+            return total
         if self.kind == "logit_mse":
-            return torch.stack(logits).mean(0) if len(logits) > 1 else logits[0]
-        if len(logits) == 1:
-            return soft_targets(logits[0], self.T)
-        return combine_log_probs(torch.stack([soft_targets(v, self.T) for v in logits]), self.combine)
+            return total / k
+        if self.combine == "arithmetic":
+            return total - math.log(k)
+        if self.combine == "geometric":
+            return torch.log_softmax(total / k, dim=-1)
+        raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
 
     def of(self, x):
         return self.combined([teacher_logits(t, x, self.batch_size) for t in self.teachers])

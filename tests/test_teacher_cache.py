@@ -3,8 +3,11 @@ trains bit for bit as one that computed the logits; a file is reused only for th
 transfer set, shifts, chunking, threads and machine; a damaged or foreign file is computed again;
 a folder that cannot be written costs only time; runs side by side take turns."""
 import json
+import shutil
 import threading
 import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +58,76 @@ def test_another_transfer_set_or_teacher_computes_its_own(kd, teacher, teacher_c
     assert len(list(teacher_cache.glob("teacher-logits-*.pt"))) == 4
 
 
-def test_the_file_name_changes_with_everything_the_logits_depend_on(tmp_path):
+def test_an_ensemble_keeps_one_file_a_teacher_and_trains_as_without_them(kd, teacher, teacher_cache):
+    kd("train-teacher", *TINY, "epochs=2", "seed=1", f"hydra.run.dir={kd.cwd / 'other'}")
+    both = f"[{teacher},{kd.cwd / 'other' / 'checkpoint.pt'}]"
+    first = distill(kd, "first", both, "teacher_combine=geometric")
+    assert [t["reused"] for t in first["teacher_logits"]] == [False, False]
+    assert len({t["file"] for t in first["teacher_logits"]}) == 2
+    assert [t["reused"] for t in distill(kd, "reused", both, "teacher_combine=geometric")["teacher_logits"]] == [True, True]
+    distill(kd, "computed", both, "teacher_combine=geometric", "teacher_cache=null")
+    a, b = weights(kd, "reused"), weights(kd, "computed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_another_teacher_copied_over_the_same_path_is_not_taken_for_it(kd, teacher):
+    distill(kd, "before", teacher)
+    kd("train-teacher", *TINY, "epochs=2", "seed=1", f"hydra.run.dir={kd.cwd / 'other'}")
+    shutil.copy(kd.cwd / "other" / "checkpoint.pt", teacher)
+    assert distill(kd, "after", teacher)["teacher_logits"][0]["reused"] is False
+
+
+def test_a_stopped_run_from_before_the_cache_existed_resumes(kd, teacher):
+    """Its recorded config has no teacher_cache key; where logits are kept changes no result."""
+    import signal
+
+    from test_resume import signal_at
+
+    stopped = kd.cwd / "stopped"
+    args = ["distill", *TINY, f"teacher={teacher}", "T=3", *JITTERED, "batch_size=50", f"hydra.run.dir={stopped}"]
+    assert kd(*args, extra_env=signal_at(signal.SIGINT, 3, 4), check=False).returncode == 128 + signal.SIGINT
+    recorded = stopped / ".hydra" / "config.yaml"
+    recorded.write_text("".join(line for line in recorded.read_text().splitlines(True) if not line.startswith("teacher_cache:")))
+    kd("distill", f"resume={stopped}")
+    kd(*args[:-1], f"hydra.run.dir={kd.cwd / 'untouched'}")
+    a, b = weights(kd, "stopped"), weights(kd, "untouched")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cpu_is_named_by_its_model_and_instruction_sets_on_x86_and_arm():
+    x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: sse avx2\ncpu MHz\t\t: 2000\n\n" \
+          "processor\t: 1\n"
+    assert teacher_cache.cpu_identity(x86) != teacher_cache.cpu_identity(x86.replace("avx2", "avx2 avx512_bf16"))
+    assert teacher_cache.cpu_identity(x86) == teacher_cache.cpu_identity(x86.replace("2000", "3100"))  # clock: no
+    arm = "processor\t: 0\nBogoMIPS\t: 50\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    assert teacher_cache.cpu_identity(arm) != teacher_cache.cpu_identity(arm.replace("0xd0c", "0xd40"))
+    assert teacher_cache.cpu_identity(arm) != teacher_cache.cpu_identity(arm.replace("asimd", "asimd sve"))
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("unexpected pos 64"), OSError(28, "No space left on device"),
+                                     KeyboardInterrupt()])
+def test_a_write_that_fails_midway_leaves_no_file_and_costs_only_time(tmp_path, monkeypatch, capsys, failure):
+    what, logits = what_and_logits()
+    path = teacher_cache.file_for(tmp_path, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stale = path.with_name(path.name + ".4242.tmp")  # what a killed run's write left
+    stale.write_bytes(b"half")
+
+    def half_a_save(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise failure
+    monkeypatch.setattr(torch, "save", half_a_save)
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            teacher_cache.cached_logits(tmp_path, what, "cpu", lambda: logits)
+    else:
+        got, file, reused = teacher_cache.cached_logits(tmp_path, what, "cpu", lambda: logits)
+        assert torch.equal(got, logits) and file is None and reused is False
+        assert "kd: warning: could not keep" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name + ".lock"]  # no file, no .tmp
+
+
+def test_the_file_name_changes_with_everything_the_logits_depend_on(tmp_path, monkeypatch):
     x = torch.rand(50, 28, 28)
     base = teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100))
     assert base == teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x.clone(), 1, 100))
@@ -70,7 +142,13 @@ def test_the_file_name_changes_with_everything_the_logits_depend_on(tmp_path):
         names.add(teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100)))
     finally:
         torch.set_num_threads(threads)
-    assert base not in names and len(names) == len(others) + 1
+    with monkeypatch.context() as m:  # the kernels a library picks on this CPU
+        m.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        names.add(teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100)))
+    with monkeypatch.context() as m:  # kd's own code that computes the logits (the model, the shifts)
+        m.setattr(teacher_cache, "CODE", ("models.py", "data.py"))
+        names.add(teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100)))
+    assert base not in names and len(names) == len(others) + 3
 
 
 def what_and_logits():
@@ -78,7 +156,7 @@ def what_and_logits():
     return teacher_cache.identity("c" * 64, x, 0, 100), torch.randn(1, 6, 10)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "wrong shape"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "wrong shape", "float64"])
 def test_a_damaged_or_foreign_file_is_computed_again_and_replaced(tmp_path, capsys, damage):
     what, logits = what_and_logits()
     path = teacher_cache.file_for(tmp_path, what)
@@ -88,8 +166,10 @@ def test_a_damaged_or_foreign_file_is_computed_again_and_replaced(tmp_path, caps
         path.write_bytes(path.read_bytes()[:200])
     elif damage == "foreign":
         torch.save({"what": {**what, "teacher_sha256": "d" * 64}, "logits": torch.zeros(1, 6, 10)}, path)
-    else:
+    elif damage == "wrong shape":
         torch.save({"what": what, "logits": torch.zeros(1, 5, 10)}, path)
+    else:
+        torch.save({"what": what, "logits": logits.double()}, path)
     calls = []
     got, file, reused = teacher_cache.cached_logits(tmp_path, what, "cpu", lambda: calls.append(1) or logits)
     assert calls == [1] and reused is False and file == path and torch.equal(got, logits)
@@ -108,27 +188,37 @@ def test_a_cache_folder_that_cannot_be_made_costs_only_time(kd, teacher, tmp_pat
 
 
 def test_runs_side_by_side_take_turns_the_second_reuses_what_the_first_computed(tmp_path, capsys):
-    """The test holds the lock as a run computing the logits would; a second caller must wait for
-    it and then read the file instead of computing its own."""
-    fcntl = pytest.importorskip("fcntl")
+    """Two callers of the same file, as two jobs of a sweep: while the first computes, the second
+    waits for it and then reads its file: the logits are computed once."""
+    pytest.importorskip("fcntl")  # the lock is POSIX's
     what, logits = what_and_logits()
-    path = teacher_cache.file_for(tmp_path, what)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    first = open(path.with_name(path.name + ".lock"), "a")
-    fcntl.flock(first, fcntl.LOCK_EX)
-    result, calls = {}, []
+    computing, finish, calls, result = threading.Event(), threading.Event(), [], {}
 
-    def second_run():
-        got = teacher_cache.cached_logits(tmp_path, what, "cpu", lambda: calls.append(1) or torch.zeros(1, 6, 10))
-        result.update(zip(("logits", "file", "reused"), got))
-    second = threading.Thread(target=second_run)
+    def first_compute():
+        calls.append("first")
+        computing.set()
+        finish.wait(30)  # holds its turn until the test has seen the second caller arrive
+        return logits
+
+    def second_compute():
+        calls.append("second")
+        return torch.zeros(1, 6, 10)
+
+    def caller(name, compute):
+        result[name] = teacher_cache.cached_logits(tmp_path, what, "cpu", compute)
+    first = threading.Thread(target=caller, args=("first", first_compute))
+    first.start()
+    assert computing.wait(30)
+    second = threading.Thread(target=caller, args=("second", second_compute))
     second.start()
     waited, deadline = "", time.monotonic() + 30
-    while "waiting for another run" not in waited and time.monotonic() < deadline and second.is_alive():
+    while "waiting for another run" not in waited and "second" not in calls and time.monotonic() < deadline:
         waited += capsys.readouterr().err
         time.sleep(0.01)
-    assert "waiting for another run" in waited, "the second caller did not wait for the lock"
-    torch.save({"what": what, "logits": logits}, path)  # what the first run keeps, then it lets go
-    first.close()
+    finish.set()
+    first.join(30)
     second.join(30)
-    assert calls == [] and result["reused"] is True and torch.equal(result["logits"], logits)
+    assert calls == ["first"], "the second caller computed instead of waiting for the first one's file"
+    assert "waiting for another run" in waited
+    logits_read, _, reused = result["second"]
+    assert reused is True and torch.equal(logits_read, logits)
