@@ -90,11 +90,16 @@ def shift_images(images, shifts, max_shift):
     return out
 
 
+def shift_codes(max_shift):
+    """How many jitter codes there are: every shift by up to max_shift px along each axis."""
+    return (2 * max_shift + 1) ** 2
+
+
 def every_shift(images, max_shift):
     """(k, the images [N, H, W] all moved by code k) for every jitter code k in turn (see
     draw_shifts; code k moves a picture by (max_shift - k // side, max_shift - k % side) px)."""
     same = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
-    for k in range((2 * max_shift + 1) ** 2):
+    for k in range(shift_codes(max_shift)):
         yield k, shift_images(images, same.fill_(k), max_shift)
 
 

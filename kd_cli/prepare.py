@@ -25,11 +25,11 @@ def device_of(cfg, state=None):
     torch.set_flush_denormal(True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if "precision" in cfg:
-        started = None if state is None else load_checkpoint(state).get("precision")
-        if started is None and state is not None:  # a state saved before auto existed: fp32 was the default
-            started = "fp32" if cfg.precision == "auto" else cfg.precision
-        cfg.precision = started or (cfg.precision if cfg.precision != "auto" else
-                                    "bf16" if native_bf16(device) else "fp32")
+        if state is not None:  # what it started in; a state saved before auto: fp32, the default then
+            cfg.precision = load_checkpoint(state).get("precision") or \
+                ("fp32" if cfg.precision == "auto" else cfg.precision)
+        elif cfg.precision == "auto":
+            cfg.precision = "bf16" if native_bf16(device) else "fp32"
         warn_if_slow(cfg, device)
     return device
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .data import shift_codes
+
 FORMAT = 1  # bump when what a file holds changes: older files are then never matched
 
 
@@ -83,9 +85,8 @@ def _load(path, what, device):
         return None
     try:
         held = torch.load(path, map_location=device, weights_only=True)
-        copies = (2 * what["max_shift"] + 1) ** 2
         if held["what"] == what and held["logits"].dtype == torch.float32 \
-                and list(held["logits"].shape[:2]) == [copies, what["images_shape"][0]]:
+                and list(held["logits"].shape[:2]) == [shift_codes(what["max_shift"]), what["images_shape"][0]]:
             return held["logits"]
         _warn(f"{path} was made for other logits; computing them again")
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file is recomputed, never trusted

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import check_model, load_checkpoint, newest_checkpoint, resolve_pretrained, sha256_of
 from .config import COMBINE
-from .data import every_shift
+from .data import every_shift, shift_codes
 from .errors import KDError
 from .losses import soft_targets
 from .models import build_mlp
@@ -138,7 +138,7 @@ def shifted_logits(model, x, max_shift, batch_size=10000):
     for k, moved in every_shift(x, max_shift):
         row = teacher_logits(model, moved, batch_size)
         if out is None:
-            out = row.new_empty(((2 * max_shift + 1) ** 2, *row.shape))
+            out = row.new_empty((shift_codes(max_shift), *row.shape))
         out[k] = row
     return out
 
@@ -147,7 +147,7 @@ def caches_shifts(epochs, max_shift):
     """Whether a run of `epochs` on a transfer set jittered by up to max_shift px runs its teachers
     once over every shifted copy of the set ((2 max_shift + 1)^2 passes, before training) rather
     than on each batch (one pass an epoch): whichever runs them fewer times."""
-    return max_shift > 0 and epochs >= (2 * max_shift + 1) ** 2
+    return max_shift > 0 and epochs >= shift_codes(max_shift)
 
 
 class SoftTargets:
