@@ -1,7 +1,7 @@
 """The teachers' logits over a transfer set, kept on disk for the runs that come after: the jobs
 of a T or alpha sweep, or the seeds of one recipe, run a teacher over the transfer set once
 between them instead of once each (in the jittered default recipe that is 25 passes over 60,000
-images, about 100 s at one thread). A file is named by everything its numbers depend on, down to
+images, about 90 s at one thread). A file is named by everything its numbers depend on, down to
 the thread count and the processor, so that a run that reuses one trains bit for bit as if it had
 computed the logits itself; a file that does not load, or was made for something else, is
 computed again. Runs side by side that need the same file take turns: one computes it while the
