@@ -49,7 +49,8 @@ def hardware(device):
     except OSError:
         cpu = ""
     env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ)
-    return f"{platform.machine()} {platform.processor()} {cpu} aten={torch.backends.cpu.get_cpu_capability()} {env}".strip()
+    # not platform.processor(): it runs `uname -p` in a subprocess and names nothing cpuinfo does not
+    return f"{platform.machine()} {cpu} aten={torch.backends.cpu.get_cpu_capability()} {env}".strip()
 
 
 def code_sha256():
