@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ INSPECT_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--res
 
 def _fail(message):
     print(f"kd: error: {message}", file=sys.stderr)
+
+
+def installed(cmd):
+    """A `kd ...` command as a process runs it: the kd installed beside the Python running this (a
+    virtual environment's bin/), else the one on PATH. So `.venv/bin/python scripts/...` finds kd
+    without the environment activated; the scripts print and record commands as `kd ...`."""
+    if cmd[0] != "kd":
+        return cmd
+    beside = Path(sys.executable).parent / "kd"
+    return [str(beside) if beside.is_file() else shutil.which("kd") or "kd", *cmd[1:]]
 
 
 def threads_per_job(n_jobs):

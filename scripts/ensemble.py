@@ -15,10 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from kd_cli.cli import installed
+
 
 def kd(*args):
     print("+", shlex.join(["kd", *args]), flush=True)
-    subprocess.run(["kd", *args], check=True)
+    subprocess.run(installed(["kd", *args]), check=True)
 
 
 def metrics(run_dir):

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
-from kd_cli.cli import threads_per_job
+from kd_cli.cli import installed, threads_per_job
 from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
 from kd_cli.run import state_of
@@ -69,13 +69,13 @@ def run_all(runs, jobs):
     def one(cmd, log):
         print("+", shlex.join(cmd) + (f"  >> {log}" if side_by_side else ""), flush=True)
         if not side_by_side:
-            code = subprocess.run(cmd, check=False).returncode
+            code = subprocess.run(installed(cmd), check=False).returncode
         else:
             log.parent.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as f:
                 f.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
                 f.flush()
-                code = subprocess.run(cmd, check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+                code = subprocess.run(installed(cmd), check=False, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             print(f"{'done' if code == 0 else f'failed (exit {code}), see {log}'}: {shlex.join(cmd)}", flush=True)
         return code
 

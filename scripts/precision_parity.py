@@ -17,6 +17,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from kd_cli.cli import installed
+
 ROWS = {"student": ("train-student", ""), "teacher": ("train-teacher", "epochs=20"),
         "distill": ("distill", "epochs=20")}
 
@@ -25,7 +27,7 @@ def sweep(stage, folder, overrides, seeds):
     cmd = ["kd", stage, "-m", f"seed={','.join(map(str, seeds))}", "precision=fp32,bf16", *overrides,
            f"hydra.sweep.dir={folder}"]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(installed(cmd), check=True)
 
 
 def seconds_per_epoch(folder, precision):
@@ -56,7 +58,7 @@ def main():
             teacher = next(p for p in sorted((out / "teacher").glob("*/checkpoint.pt")) if is_fp32_first_seed(p))
             overrides.append(f"teacher={teacher}")
         sweep(stage, out / row, overrides, args.seeds)
-        subprocess.run(["kd", "report", str(out / row)], check=True)
+        subprocess.run(installed(["kd", "report", str(out / row)]), check=True)
         fp32, bf16 = (seconds_per_epoch(out / row, p) for p in ("fp32", "bf16"))
         print(f"{row}: train s/epoch fp32 {fp32:.2f}, bf16 {bf16:.2f}, bf16/fp32 {bf16 / fp32:.2f}", flush=True)
 

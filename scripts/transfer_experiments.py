@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from kd_cli.checkpoint import teacher_override
+from kd_cli.cli import installed
 from kd_cli.report import rows_of
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
@@ -35,7 +36,7 @@ def run(cmd, folder):
     if RESUME and Path(folder).exists():
         cmd = [*cmd[:2], f"resume={folder}"]
     print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(installed(cmd), check=True)
 
 
 def kd(stage, run_dir, *overrides):

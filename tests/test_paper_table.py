@@ -24,7 +24,8 @@ def kd_in_process(script, monkeypatch, cwd, tiny_root, env=None):
     commands = []
 
     def kd_command(cmd, check):
-        assert cmd[0] == "kd"
+        assert Path(cmd[0]).name == "kd"
+        cmd = ["kd", *cmd[1:]]
         commands.append(cmd)
         proc = run_in_process(cmd[1:], cwd, {"KD_DATA_ROOT": str(tiny_root), **(env or {})})
         if proc.returncode:
@@ -322,3 +323,20 @@ def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_t
     monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--resume"])
     with pytest.raises(SystemExit, match="--resume needs the --out"):
         script.main()
+
+
+def test_scripts_run_the_kd_installed_beside_their_python_not_only_one_on_path(tmp_path, monkeypatch):
+    """`.venv/bin/python scripts/paper_table.py` with the environment not activated: kd is not on
+    PATH, but beside the Python that runs the script; the command keeps its printed form `kd ...`."""
+    from kd_cli.cli import installed
+    venv_bin, on_path = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    for folder in (venv_bin, on_path):
+        folder.mkdir(parents=True)
+        (folder / "kd").write_text("#!/bin/sh\n")
+        (folder / "kd").chmod(0o755)
+    monkeypatch.setenv("PATH", str(on_path))
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))
+    assert installed(["kd", "distill", "T=5"]) == [str(venv_bin / "kd"), "distill", "T=5"]
+    (venv_bin / "kd").unlink()  # a Python without kd beside it (a system one): the kd on PATH
+    assert installed(["kd", "report", "x"]) == [str(on_path / "kd"), "report", "x"]
+    assert installed(["python", "-c", "1"]) == ["python", "-c", "1"]
