@@ -1,0 +1,117 @@
+"""The paper's distillation setup, written out plainly, to try students kd has no knob for.
+
+    KD_DATA_ROOT=../shared/data python scripts/paper_setup_variants.py --seed 0 --opt adam --lr 1e-3
+
+`kd distill recipe=paper` (784-800-800-10, T=20, alpha=0.1, unjittered transfer set, 20 epochs,
+SGD with Nesterov momentum 0.9, peak lr 0.05 after a 2-epoch warm-up, then cosine) trained on
+50,000 images, 10,000 held out (kd's `data.val_size=10000` split), re-implemented in one loop
+with kd's data reader, split, teacher checkpoint and loss, but not kd's training loop, so that a
+variant is one flag: another optimizer (`--opt adam`), the student's initial weights scaled
+(`--init`), a teacher sampled with its dropout on for each batch (`--teacher-dropout`), momentum,
+batch, lr. Its batches are drawn otherwise than kd's, so its runs are other draws of the same
+recipe, not kd's runs bit for bit. It prints validation errors (for choosing) and test errors (for
+reference), and appends a JSON line per run to --json.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from kd_cli.checkpoint import load_checkpoint, resolve_pretrained
+from kd_cli.data import load_mnist, split_validation
+from kd_cli.losses import distillation_loss, soft_targets
+from kd_cli.models import MLP, build_mlp
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="pretrained", help="a teacher checkpoint.pt, or pretrained (kd's shipped one)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.05, help="peak lr (recipe=paper's 0.05)")
+    ap.add_argument("--warmup", type=float, default=2, help="epochs of linear warm-up before the cosine")
+    ap.add_argument("--opt", choices=["sgd", "adam"], default="sgd", help="sgd: Nesterov momentum, as kd; adam: AdamW")
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--T", type=float, default=20.0)
+    ap.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label term")
+    ap.add_argument("--init", type=float, default=1.0, help="scale the student's initial weights and biases by this")
+    ap.add_argument("--teacher-dropout", action="store_true",
+                    help="soft targets from the teacher in training mode (its dropout on), drawn anew for each batch")
+    ap.add_argument("--bf16", action="store_true", help="the student's forward under bfloat16 autocast, as kd's precision=bf16")
+    ap.add_argument("--json", default=None, help="append the run's settings and errors to this file, a JSON line")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))
+    train_x, train_y, val_x, val_y = split_validation(train_x, train_y, 10000)
+    ckpt = load_checkpoint(resolve_pretrained(args.teacher))
+    teacher = build_mlp(ckpt["arch"])
+    teacher.load_state_dict(ckpt["state_dict"])
+    teacher.eval()
+    with torch.no_grad():
+        log_p = soft_targets(torch.cat([teacher(c) for c in train_x.split(10000)]), args.T)
+
+    torch.manual_seed(args.seed)
+    student = MLP([800, 800])
+    with torch.no_grad():
+        for w in student.parameters():
+            w.mul_(args.init)
+    if args.opt == "sgd":
+        opt = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True)
+    else:
+        opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def lr_at(t):  # kd's onecycle: linear warm-up to the peak, then a cosine to 0
+        if t < args.warmup:
+            return args.lr * t / args.warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (t - args.warmup) / (args.epochs - args.warmup)))
+
+    @torch.no_grad()
+    def errors(x, y):
+        student.eval()
+        wrong = int((student(x).argmax(1) != y).sum())
+        student.train()
+        return wrong
+
+    steps = train_x.shape[0] // args.batch
+    start, diverged = time.time(), False
+    for epoch in range(args.epochs):
+        order = torch.randperm(train_x.shape[0])
+        for i in range(steps):
+            idx = order[i * args.batch:(i + 1) * args.batch]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch + i / steps)
+            if args.teacher_dropout:
+                teacher.train()
+                with torch.no_grad():
+                    batch_log_p = soft_targets(teacher(train_x[idx]), args.T)
+            else:
+                batch_log_p = log_p[idx]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                z = student(train_x[idx])
+            loss = distillation_loss(z.float(), train_y[idx], batch_log_p, args.T, args.alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if not math.isfinite(loss.item()):
+            print(f"epoch {epoch + 1}: loss {loss.item()}: diverged; no errors are counted from its weights")
+            diverged = True
+            break
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, {errors(val_x, val_y)} validation errors", flush=True)
+    result = {**vars(args), "diverged": diverged,
+              "val_errors": None if diverged else errors(val_x, val_y),
+              "test_errors": None if diverged else errors(test_x, test_y),
+              "seconds": round(time.time() - start), "threads": torch.get_num_threads()}
+    print(json.dumps(result))
+    if args.json:
+        with Path(args.json).open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
