@@ -31,6 +31,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="pretrained", help="a teacher checkpoint.pt, or pretrained (kd's shipped one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[800, 800], help="the student's hidden widths")
+    ap.add_argument("--val-size", type=int, default=10000, help="training images held out for validation")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.05, help="peak lr (recipe=paper's 0.05)")
     ap.add_argument("--warmup", type=float, default=2, help="epochs of linear warm-up before the cosine")
@@ -48,7 +50,7 @@ def main():
 
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))
-    train_x, train_y, val_x, val_y = split_validation(train_x, train_y, 10000)
+    train_x, train_y, val_x, val_y = split_validation(train_x, train_y, args.val_size)
     ckpt = load_checkpoint(resolve_pretrained(args.teacher))
     teacher = build_mlp(ckpt["arch"])
     teacher.load_state_dict(ckpt["state_dict"])
@@ -57,7 +59,7 @@ def main():
         log_p = soft_targets(torch.cat([teacher(c) for c in train_x.split(10000)]), args.T)
 
     torch.manual_seed(args.seed)
-    student = MLP([800, 800])
+    student = MLP(args.hidden)
     with torch.no_grad():
         for w in student.parameters():
             w.mul_(args.init)

@@ -1,0 +1,29 @@
+"""scripts/paper_setup_variants.py: a run records what it ran and its errors, and a diverged run
+records no errors (none are counted from NaN weights)."""
+import json
+import sys
+
+from conftest import load_script
+
+
+def run_script(monkeypatch, tiny_root, teacher, out, *flags):
+    script = load_script("paper_setup_variants")
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    monkeypatch.setattr(sys, "argv", ["paper_setup_variants.py", "--teacher", str(teacher), "--hidden", "16",
+                                      "--val-size", "100", "--epochs", "3", "--warmup", "1", "--json", str(out), *flags])
+    script.main()
+    return json.loads(out.read_text().splitlines()[-1])
+
+
+def test_variants_record_their_settings_and_errors_and_no_errors_when_diverged(kd, tmp_path, tiny_root, monkeypatch):
+    kd("train-teacher", "model.hidden=[16]", "epochs=2", f"hydra.run.dir={tmp_path / 't'}")
+    out = tmp_path / "runs.jsonl"
+    sgd = run_script(monkeypatch, tiny_root, tmp_path / "t" / "checkpoint.pt", out)
+    assert (sgd["opt"], sgd["T"], sgd["alpha"], sgd["lr"], sgd["diverged"]) == ("sgd", 20.0, 0.1, 0.05, False)
+    assert 0 <= sgd["val_errors"] <= 100 and 0 <= sgd["test_errors"] <= 200  # tiny_root: 200 test images
+    assert sgd["val_errors"] < 90  # it learned (10 classes: chance is about 90 of 100)
+    again = run_script(monkeypatch, tiny_root, tmp_path / "t" / "checkpoint.pt", out)
+    assert (again["val_errors"], again["test_errors"]) == (sgd["val_errors"], sgd["test_errors"])  # same seed
+    blown = run_script(monkeypatch, tiny_root, tmp_path / "t" / "checkpoint.pt", out, "--lr", "inf")
+    assert blown["diverged"] and blown["val_errors"] is None and blown["test_errors"] is None
+    assert len(out.read_text().splitlines()) == 3
