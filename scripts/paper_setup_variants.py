@@ -25,6 +25,7 @@ from kd_cli.checkpoint import load_checkpoint, resolve_pretrained
 from kd_cli.data import load_mnist, split_validation
 from kd_cli.losses import distillation_loss, soft_targets
 from kd_cli.models import MLP, build_mlp
+from kd_cli.teachers import combine_log_probs, shifted_logits
 
 
 def main():
@@ -44,6 +45,9 @@ def main():
     ap.add_argument("--init", type=float, default=1.0, help="scale the student's initial weights and biases by this")
     ap.add_argument("--teacher-dropout", action="store_true",
                     help="soft targets from the teacher in training mode (its dropout on), drawn anew for each batch")
+    ap.add_argument("--teacher-shifts", type=int, default=0,
+                    help="soft targets for each image from the teacher's outputs on it moved by every shift of up to "
+                         "this many pixels (arithmetic mean of the probabilities at T); the student still sees it unmoved")
     ap.add_argument("--bf16", action="store_true", help="the student's forward under bfloat16 autocast, as kd's precision=bf16")
     ap.add_argument("--json", default=None, help="append the run's settings and errors to this file, a JSON line")
     args = ap.parse_args()
@@ -56,7 +60,8 @@ def main():
     teacher.load_state_dict(ckpt["state_dict"])
     teacher.eval()
     with torch.no_grad():
-        log_p = soft_targets(torch.cat([teacher(c) for c in train_x.split(10000)]), args.T)
+        log_p = combine_log_probs(soft_targets(shifted_logits(teacher, train_x, args.teacher_shifts), args.T),
+                                  "arithmetic")
 
     torch.manual_seed(args.seed)
     student = MLP(args.hidden)
