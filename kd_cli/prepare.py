@@ -47,11 +47,22 @@ def native_bf16(device):
 
 def cpu_flags():
     """The CPU's instruction-set flags (Linux's /proc/cpuinfo; none elsewhere)."""
+    return set(first_processor(cpuinfo()).get("flags", "").split())
+
+
+def cpuinfo():
+    """Linux's /proc/cpuinfo, or "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").partition(":")[2].split())
+            return f.read()
     except OSError:
-        return set()
+        return ""
+
+
+def first_processor(text):
+    """The fields of the first processor a /proc/cpuinfo text lists, as {name: value}."""
+    first = text.split("\n\n")[0]
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
 
 
 def warn_if_slow(cfg, device):

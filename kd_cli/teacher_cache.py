@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import shift_codes
+from .prepare import cpuinfo, first_processor
 
 FORMAT = 1  # bump when what a file holds changes: older files are then never matched
 
@@ -29,10 +30,9 @@ CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "fla
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE")
 
 
-def cpu_identity(cpuinfo):
+def cpu_identity(text):
     """The CPU as /proc/cpuinfo's first processor names it: model and instruction sets."""
-    first = cpuinfo.split("\n\n")[0]
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    fields = first_processor(text)
     return "; ".join(f"{k}={fields[k]}" for k in CPU_FIELDS if k in fields)
 
 
@@ -44,10 +44,7 @@ def hardware(device):
         return (f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
                 f" tf32={torch.backends.cuda.matmul.allow_tf32},{torch.backends.cudnn.allow_tf32}"
                 f" matmul={torch.get_float32_matmul_precision()}")
-    try:
-        cpu = cpu_identity(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        cpu = ""
+    cpu = cpu_identity(cpuinfo())
     env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if k in os.environ)
     # not platform.processor(): it runs `uname -p` in a subprocess and names nothing cpuinfo does not
     return f"{platform.machine()} {cpu} aten={torch.backends.cpu.get_cpu_capability()} {env}".strip()
