@@ -23,9 +23,11 @@ import torch
 
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained
 from kd_cli.data import load_mnist, split_validation
+from kd_cli.evaluate import count_errors, predict_logits
 from kd_cli.losses import distillation_loss, soft_targets
 from kd_cli.models import MLP, build_mlp
 from kd_cli.teachers import combine_log_probs, shifted_logits
+from kd_cli.train import Recipe
 
 
 def main():
@@ -73,17 +75,11 @@ def main():
     else:
         opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
 
-    def lr_at(t):  # kd's onecycle: linear warm-up to the peak, then a cosine to 0
-        if t < args.warmup:
-            return args.lr * t / args.warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (t - args.warmup) / (args.epochs - args.warmup)))
+    schedule = Recipe(epochs=args.epochs, batch_size=args.batch, lr=args.lr, warmup_epochs=args.warmup)  # kd's onecycle
 
     @torch.no_grad()
     def errors(x, y):
-        student.eval()
-        wrong = int((student(x).argmax(1) != y).sum())
-        student.train()
-        return wrong
+        return count_errors(predict_logits(student, x), y)["test_errors"]
 
     steps = train_x.shape[0] // args.batch
     start, diverged = time.time(), False
@@ -92,7 +88,7 @@ def main():
         for i in range(steps):
             idx = order[i * args.batch:(i + 1) * args.batch]
             for group in opt.param_groups:
-                group["lr"] = lr_at(epoch + i / steps)
+                group["lr"] = schedule.at(epoch + i / steps)[0]
             if args.teacher_dropout:
                 teacher.train()
                 with torch.no_grad():
