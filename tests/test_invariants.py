@@ -104,6 +104,22 @@ def test_the_student_matches_the_eval_mode_teacher_on_its_own_batch_at_T(kd, two
     assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths] == digests
 
 
+def test_under_bf16_the_teacher_still_gives_float32_soft_targets_on_each_batch(kd, two_teachers, forwards,
+                                                                             soft_targets_seen):
+    """precision=bf16 puts the student's forward under autocast, not the teacher's: run on each
+    jittered batch (a run shorter than its shifts), the teacher's soft targets are float32 and
+    match a float64 forward to 1e-4, where bfloat16's rounding is off by about 1e-2."""
+    T = 3.0
+    kd("distill", f"teacher={two_teachers[0]}", f"T={T}", "data.jitter=2", "precision=bf16", f"model.hidden=[{STUDENT}]",
+       "epochs=2", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
+    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
+    assert len(student_steps) == len(soft_targets_seen) == 12
+    for xb, (log_p, _) in zip(student_steps, soft_targets_seen):
+        assert log_p.dtype == torch.float32
+        want = torch.log_softmax(plain_logits(two_teachers[0], xb) / T, 1)
+        torch.testing.assert_close(log_p.double(), want, atol=1e-4, rtol=1e-4)
+
+
 # one teacher per batch and cached over the shifted copies; an ensemble: the teachers' mean logit
 @pytest.mark.parametrize("jitter,epochs,members", [(2, 2, 1), (1, 9, 1), (0, 1, 2)])
 def test_logit_matching_matches_the_eval_mode_teachers_logits_on_its_own_batch(kd, two_teachers, forwards,

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_cli.losses import distillation_loss, soft_loss, soft_targets
+from kd_cli.losses import distillation_loss, logit_matching_loss, soft_loss, soft_targets
 
 
 def grad_of(fn, z):
@@ -112,3 +112,13 @@ def test_a_nan_in_the_student_comes_out_as_nan_not_as_a_clamped_zero():
     z[1, 2] = float("nan")
     assert torch.isnan(soft_loss(z, soft_targets(v, 2.0), 2.0))
     assert torch.isnan(distillation_loss(z, None, soft_targets(v, 2.0), 2.0, 0.0))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_logit_matching_weighs_its_terms_by_alpha(alpha):
+    # alpha * CE + (1 - alpha) * sum_i (z_i - v_i)^2 / (2 C), mean over the batch, written out
+    torch.manual_seed(6)
+    z, v, y = torch.randn(8, 10, dtype=torch.float64), torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 10, (8,))
+    ce = -F.log_softmax(z, 1).gather(1, y[:, None]).mean()
+    mse = ((z - v) ** 2).sum(1).mean() / 20
+    torch.testing.assert_close(logit_matching_loss(z, y if alpha else None, v, alpha), alpha * ce + (1 - alpha) * mse)

@@ -63,15 +63,17 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torc
 def test_dropout_rate_scale_and_gradient(p, device):
     torch.manual_seed(2)
     drop = Dropout(p).train()
-    x = torch.ones(400, 1000, requires_grad=True, device=device)
+    x = torch.ones(2000, 2000, requires_grad=True, device=device)
     y = drop(x)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - p) < 1 / 256 + 0.005  # the rate, to its 1/256 rounding
+    # the kept share is kept/256 on CPU (p rounded to 1/256), 1 - p on CUDA; 4M units put one
+    # byte value more or less (1/256 = 0.0039) at about 15 standard errors from it
+    kept_share = drop.kept / 256 if device == "cpu" else 1 - p
+    assert abs((y != 0).float().mean().item() - kept_share) < 0.001
     kept = y[y != 0]
     # inverted-dropout scale: 256/kept for kd's byte masks, torch's exact 1 / (1 - p) on CUDA
     scale = 256 / drop.kept if device == "cpu" else 1 / (1 - p)
     assert torch.allclose(kept, torch.full_like(kept, scale))
-    assert abs(y.mean().item() - 1) < 0.01  # the expectation is unchanged
+    assert abs(y.mean().item() - 1) < 0.002  # the expectation is unchanged
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient flows only through kept units
     assert drop.eval()(x) is x

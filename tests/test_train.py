@@ -83,6 +83,13 @@ def test_every_step_uses_the_ramped_momentum_and_its_lr(monkeypatch):
     assert [m for _, m in seen] == pytest.approx([m for _, m in expected])
 
 
+def test_without_a_ramp_the_momentum_is_the_configured_one_not_its_start():
+    # momentum_start only matters during a ramp: `optim.momentum=0.5` with no ramp trains at 0.5
+    r = Recipe(epochs=2, batch_size=10, lr=0.1, momentum=0.5, momentum_start=0.9, momentum_ramp_epochs=0,
+               schedule="constant")
+    assert [r.at(t) for t in (0, 1.5)] == [(0.1, 0.5), (0.1, 0.5)]
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_nesterov_momentum_and_weight_decay_act_on_the_first_step(nesterov):
     """loss = sum of the logits: the output bias's gradient is the batch size B for every class,
@@ -139,6 +146,19 @@ def test_each_epoch_draws_new_shifts():
     assert offsets <= {(14 + dy, 14 + dx) for dy in range(-2, 3) for dx in range(-2, 3)}
     kept = sum(where[e][i] == where[e + 1][i] for e in range(epochs - 1) for i in range(1, n + 1))
     assert kept < 0.2 * n * (epochs - 1)  # about 5 of 128 by chance
+
+
+def test_each_epoch_draws_a_new_order_of_every_image():
+    """The indices the soft targets are asked for, batch by batch: each epoch is every image once,
+    and the order differs between epochs (an order drawn once would repeat with chance 1 / 64!)."""
+    n, epochs, seen = 64, 3, []
+    x, y = toy(n)
+    torch.manual_seed(0)
+    train(MLP(hidden=[4]), x, y, lambda z, t, _: hard_label_loss(z, t),
+          Recipe(epochs=epochs, batch_size=16, lr=0.1), targets=lambda idx, xb, shifts: seen.append(idx.clone()))
+    orders = [torch.cat(seen[e * 4:(e + 1) * 4]).tolist() for e in range(epochs)]
+    assert len(seen) == epochs * 4 and all(sorted(o) == list(range(n)) for o in orders)
+    assert len({tuple(o) for o in orders}) == epochs
 
 
 def toy(n=256):
