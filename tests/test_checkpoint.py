@@ -44,10 +44,16 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     torch.save({"model": torch.zeros(1)}, foreign)
     with pytest.raises(KDError, match="missing format_version, stage, arch, state_dict"):
         load_checkpoint(foreign)
-    newer = tmp_path / "newer.pt"
-    torch.save({**payload(), "format_version": FORMAT_VERSION + 1}, newer)
-    with pytest.raises(KDError, match="format"):
-        load_checkpoint(newer)
+    for version in (FORMAT_VERSION + 1, FORMAT_VERSION - 1):
+        other = tmp_path / f"format{version}.pt"
+        torch.save({**payload(), "format_version": version}, other)
+        with pytest.raises(KDError, match=f"format {version}"):
+            load_checkpoint(other)
+    # stray bytes make torch's readers fail in their own ways (KeyError, IndexError, ...)
+    for name, data in (("text.pt", b"hello world"), ("config.yaml", b"epochs: 3\n"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(KDError, match="not a readable kd checkpoint"):
+            load_checkpoint(tmp_path / name)
     with pytest.raises(KDError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
 

@@ -96,7 +96,9 @@ def bad_teachers(tmp_path):
     truncated.write_bytes(good.read_bytes()[:300])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    return {"garbage": garbage, "truncated": truncated, "foreign": foreign}
+    text = tmp_path / "config.yaml"  # a file torch's reader fails on with an IndexError
+    text.write_bytes(b"epochs: 3\n")
+    return {"garbage": garbage, "truncated": truncated, "foreign": foreign, "text": text}
 
 
 @pytest.mark.parametrize("args, says", [
@@ -112,6 +114,8 @@ def bad_teachers(tmp_path):
     (["distill", "teacher={garbage}"], "is not a kd checkpoint"),
     (["distill", "teacher={truncated}"], "truncated"),
     (["distill", "teacher={foreign}"], "is not a kd checkpoint (missing"),
+    (["distill", "teacher={text}"], "is not a readable kd checkpoint"),
+    (["evaluate", "checkpoint={text}"], "is not a readable kd checkpoint"),
     (["distill"], "run `kd train-teacher` first"),
     (["train-student", "data.root={empty}", "data.download=false"], "KD_DATA_ROOT"),
     (["evaluate"], "needs checkpoint="),

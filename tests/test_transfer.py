@@ -1,6 +1,7 @@
 """Transfer-set controls and bias correction (the paper's omitted-class and little-data studies)."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from kd_cli.errors import KDError
 from kd_cli.evaluate import bias_correction, count_errors, errors_on, fit_bias_shift, shift_biases
 from kd_cli.models import MLP
 
-from conftest import plain_logits, write_idx
+from conftest import load_script, plain_logits, write_idx
 
 
 def labels_with_counts(counts):
@@ -249,3 +250,41 @@ def test_fit_bias_needs_a_validation_split(kd):
     kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={kd.cwd / 's'}")
     proc = kd("evaluate", f"checkpoint={kd.cwd / 's' / 'checkpoint.pt'}", "fit_bias=[3]", check=False)
     assert proc.returncode == 2 and "data.val_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers(tmp_path, monkeypatch):
+    """scripts/transfer_experiments.py with kd replaced by canned metrics: the paper's bias shifts
+    reach kd evaluate with their signs (+3.5 on the 3-bias; -7.6 on the 7- and 8-biases), each
+    table cell shows the number of the run and the moment (before, after) it names, and the
+    early-stopped column is the test errors at the epoch with the fewest validation errors."""
+    script = load_script("transfer_experiments")
+    calls = []
+
+    def bias(before, after, on):
+        return {"bias": {"before": {"test_errors": before, "on_shifted_classes": {"errors": on[0], "images": 1010}},
+                         "after": {"test_errors": after, "on_shifted_classes": {"errors": on[1], "images": 1010}},
+                         "shift": {"3": 2.25, "7": -5.0}, "val_errors_before": 9, "val_errors_after": 8,
+                         "val_size": 100}}
+
+    def fake_kd(stage, run_dir, *overrides):
+        calls.append((stage, Path(run_dir).name, overrides))
+        if stage == "evaluate":
+            return bias(400, 180, (300, 30)) if Path(run_dir).name == "paper-shift" else bias(400, 150, (300, 20))
+        history = [{"epoch": 1, "val_errors": 50, "test_errors": 70}, {"epoch": 2, "val_errors": 40, "test_errors": 90},
+                   {"epoch": 3, "val_errors": 45, "test_errors": 60}]
+        return {"transfer": {"size": 50, "classes": [0, 1]}, "T": 20.0, "alpha": 0.1, "wall_seconds": 1.0,
+                "epochs": 3, "test_errors": 60, "history": history}
+    monkeypatch.setattr(script, "kd", fake_kd)
+
+    omit3 = "\n".join(script.omit3(tmp_path, [], []))
+    assert [c[2][1] for c in calls if c[1] == "paper-shift"] == ["bias_shift={3:3.5}"]
+    assert "| test errors | 206 (133 of 1010 3s) | 400 (300 of 1010 3s) |" in omit3
+    assert "+3.5 (the paper's value) | 109 (14 of 1010 3s) | 180 (30 of 1010 3s) |" in omit3
+    assert "+2.25, fitted on the validation split | - | 150 (20 of 1010 3s) |" in omit3
+    calls.clear()
+    only78 = "\n".join(script.only78(tmp_path, [], []))
+    assert [c[2][1] for c in calls if c[1] == "paper-shift"] == ["bias_shift={7:-7.6,8:-7.6}"]
+    assert "-7.6 (the paper's value) | 13.2% | 1.8% (180 errors) |" in only78
+    little = script.little_data(tmp_path, [], [])
+    assert all(line.endswith("| 60 | 90 (epoch 2) |") for line in little if line.startswith("| hard") or
+               line.startswith("| soft"))
