@@ -62,6 +62,17 @@ def test_a_folder_whose_run_stopped_before_its_first_epoch_is_not_taken_over(kd)
     assert snapshot(folder) == before
 
 
+def test_a_failed_runs_folder_is_not_taken_over(kd):
+    # a new run there would leave the old error.txt beside its own metrics.json
+    folder = kd.cwd / "failed"
+    folder.mkdir()
+    (folder / "error.txt").write_text("training diverged at epoch 2\n")
+    before = snapshot(folder)
+    refused(kd("train-student", *SMALL, "epochs=1", f"hydra.run.dir={folder}", check=False),
+            "a failed run (error.txt)", "choose a new hydra.run.dir")
+    assert snapshot(folder) == before
+
+
 def test_an_interrupted_sweep_continues_with_one_command(kd):
     """Job 0 finishes, job 1 is stopped mid-epoch, job 2 never starts; `resume=<sweep>` keeps job 0
     as it is, resumes job 1 to the result of a run never stopped, and runs job 2."""
@@ -121,6 +132,29 @@ def test_a_sweep_with_another_config_into_the_same_folder_is_refused_by_job(kd):
     assert snapshot(sweep) == before
 
 
+def test_a_sweep_whose_records_changed_or_are_damaged_is_refused_as_it_was(kd):
+    """A finished two-job sweep, relaunched: a job recorded in fp32 is not continued under today's
+    precision=auto (its later jobs could train in bf16), and a damaged job record or multirun.yaml
+    is one line, not a traceback."""
+    sweep = kd.cwd / "sweep"
+    args = ["train-student", "-m", "seed=0,1", *SMALL, "epochs=1", f"hydra.sweep.dir={sweep}"]
+    kd(*args)
+    record = next(sweep.glob("0_*")) / ".hydra" / "config.yaml"
+    text = record.read_text()
+    assert "precision: auto\n" in text
+    for damaged, says in ((text.replace("precision: auto\n", "precision: fp32\n"), "precision="),
+                          ("[unclosed", "unreadable")):
+        record.write_text(damaged)
+        before = snapshot(sweep)
+        refused(kd(*args, check=False), "sweep job 0_" if says == "precision=" else "", says)
+        assert snapshot(sweep) == before
+    record.write_text(text)
+    (sweep / "multirun.yaml").write_text("[unclosed")
+    before = snapshot(sweep)
+    refused(kd("train-student", f"resume={sweep}", check=False), "multirun.yaml is unreadable")
+    assert snapshot(sweep) == before
+
+
 # ---- values that make no sense are refused before any folder exists -----------------------------
 
 @pytest.mark.parametrize("args, says", [
@@ -166,6 +200,7 @@ def altered(path, out, change):
     (lambda c: c["state_dict"]["out.weight"].view(-1)[3].fill_(float("nan")), "non-finite weights"),
     (lambda c: c["state_dict"]["hidden.0.bias"].view(-1)[1].fill_(-float("inf")), "non-finite weights"),
     (lambda c: c.update(arch={"hidden": "800"}), "malformed architecture"),
+    (lambda c: c["arch"].update(in_features="784"), "malformed architecture"),
     (lambda c: c.update(config=[1, 2]), "malformed config"),
     (lambda c: c.update(metrics="many"), "malformed metrics"),
 ])

@@ -137,6 +137,21 @@ def test_a_stopped_distillation_resumes_with_its_own_teacher(kd):
     assert_same_run(kd.cwd / "stopped", kd.cwd / "whole")
 
 
+def test_a_stopped_distillation_from_an_ensemble_resumes_with_every_teacher(kd):
+    """Two teachers, recorded in the state: the resumed run combines both again (with one of them
+    only, it would end elsewhere and record one teacher)."""
+    for name, hidden in (("t1", 24), ("t2", 32)):
+        kd("train-teacher", f"model.hidden=[{hidden}]", "epochs=1", f"hydra.run.dir={kd.cwd / name}")
+    both = f"teacher=[{kd.cwd / 't1' / 'checkpoint.pt'},{kd.cwd / 't2' / 'checkpoint.pt'}]"
+    kd(*DISTILL, both, f"hydra.run.dir={kd.cwd / 'whole'}")
+    proc = kd(*DISTILL, both, f"hydra.run.dir={kd.cwd / 'stopped'}", extra_env=signal_at(signal.SIGTERM, 2, 4),
+              check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    kd("distill", f"resume={kd.cwd / 'stopped'}")
+    assert_same_run(kd.cwd / "stopped", kd.cwd / "whole")
+    assert len(json.loads((kd.cwd / "stopped" / "metrics.json").read_text())["teacher"]) == 2
+
+
 def test_resume_refuses_a_changed_teacher(kd):
     teacher = stopped_distillation(kd)
     ckpt = load_checkpoint(teacher)
@@ -184,6 +199,20 @@ def test_resume_refuses_a_config_that_lost_a_key_since_the_run_started(kd):
     record.write_text(record.read_text() + "dropped_knob: 3\n")
     proc = kd(RUN[0], f"resume={run_dir}", check=False)
     assert proc.returncode == 2 and "started with dropped_knob=3" in proc.stderr, proc.stderr
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_a_config_that_gained_a_key_since_the_run_started(kd):
+    """The mirror: a key the command composes now that the run never recorded (a recipe file that
+    added it) would train the rest of the run with a setting it did not start with."""
+    run_dir = kd.cwd / "stopped"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    record = run_dir / ".hydra" / "config.yaml"
+    lines = record.read_text().splitlines(keepends=True)
+    assert any(line.startswith("eval_batch_size:") for line in lines)
+    record.write_text("".join(line for line in lines if not line.startswith("eval_batch_size:")))
+    proc = kd(RUN[0], f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "started with eval_batch_size='<absent>'" in proc.stderr, proc.stderr
     assert not (run_dir / "checkpoint.pt").exists()
 
 
