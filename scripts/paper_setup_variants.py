@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from kd_cli.checkpoint import load_checkpoint, resolve_pretrained
+from kd_cli.checkpoint import resolve_pretrained
 from kd_cli.data import load_mnist, split_validation
 from kd_cli.evaluate import count_errors, predict_logits
 from kd_cli.losses import distillation_loss, soft_targets
-from kd_cli.models import MLP, build_mlp
-from kd_cli.teachers import combine_log_probs, shifted_logits
+from kd_cli.models import MLP
+from kd_cli.teachers import combine_log_probs, load_teacher, shifted_logits
 from kd_cli.train import Recipe
 
 
@@ -57,10 +57,7 @@ def main():
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))
     train_x, train_y, val_x, val_y = split_validation(train_x, train_y, args.val_size)
-    ckpt = load_checkpoint(resolve_pretrained(args.teacher))
-    teacher = build_mlp(ckpt["arch"])
-    teacher.load_state_dict(ckpt["state_dict"])
-    teacher.eval()
+    teacher, _ = load_teacher(resolve_pretrained(args.teacher), "cpu", 784, 10)  # in eval mode
     with torch.no_grad():
         log_p = combine_log_probs(soft_targets(shifted_logits(teacher, train_x, args.teacher_shifts), args.T),
                                   "arithmetic")
