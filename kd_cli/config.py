@@ -103,6 +103,8 @@ SCHEMA = {
     "data.download": flag(),
     "data.train_limit": null_or(integer(1)),
     "data.jitter": integer(0, MAX_JITTER),
+    "data.elastic.scale": number(0),
+    "data.elastic.sigma": number(0, low_open=True),
     "data.val_size": integer(0),
     "data.transfer.exclude": digits(),
     "data.transfer.include": null_or(digits()),

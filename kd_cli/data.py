@@ -76,6 +76,32 @@ def draw_shifts(n, max_shift, device):
     return torch.randint(0, side * side, (n,), device=device)
 
 
+def elastic_distort(images, scale, sigma):
+    """Each image [N, H, W] resampled (bilinear, zeros outside) at its pixel positions moved by a
+    random smooth field (Simard et al. 2003): uniform in [-1, 1] per pixel and direction, smoothed
+    by a Gaussian of std `sigma` px (zeros beyond the border), times `scale` px. Drawn from the
+    global torch RNG, anew at every call, so a seed fixes it."""
+    n, h, w = images.shape
+    r = math.ceil(3 * sigma)
+    taps = torch.arange(-r, r + 1, dtype=torch.float32, device=images.device)
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+
+    def band(size):  # the Gaussian as a [size, size] matrix: a convolution with zero padding
+        i = torch.arange(size, device=images.device)
+        offset = i[None, :] - i[:, None] + r
+        inside = (offset >= 0) & (offset <= 2 * r)
+        return torch.where(inside, kernel[offset.clamp(0, 2 * r)], torch.zeros((), device=images.device))
+
+    field = torch.rand(n, 2, h, w, device=images.device) * 2 - 1  # (dx, dy) for every pixel
+    field = band(h) @ field @ band(w).T * scale  # two small matrix products: cheaper than conv2d here
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=images.device),
+                            torch.arange(w, dtype=torch.float32, device=images.device), indexing="ij")
+    # grid_sample's coordinates: -1 and 1 are the centres of the corner pixels (align_corners)
+    grid = torch.stack([(xs + field[:, 0]) * 2 / (w - 1) - 1, (ys + field[:, 1]) * 2 / (h - 1) - 1], dim=-1)
+    return F.grid_sample(images[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[:, 0]
+
+
 def shift_images(images, shifts, max_shift):
     """Each image [N, H, W] moved by its code in `shifts` (see draw_shifts), zeros filling in where
     it moves away: one slice-and-copy per possible shift, not one Python step per image."""

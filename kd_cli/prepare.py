@@ -102,6 +102,12 @@ def recipe_of(cfg):
                   precision=cfg.precision, average_last_epochs=int(o.get("average_last_epochs") or 0))
 
 
+def elastic_of(cfg):
+    """(scale, sigma) of data.elastic for the training loop, or None when it is off."""
+    e = cfg.data.get("elastic")
+    return (float(e.scale), float(e.sigma)) if e is not None and float(e.scale) > 0 else None
+
+
 def model_of(cfg, device, in_features, out_features=10):
     m = cfg.model
     return MLP(hidden=list(m.hidden), in_features=in_features, out_features=out_features,

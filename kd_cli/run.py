@@ -154,12 +154,15 @@ def sweep_overrides(stage, sweep_dir):
 
 
 # keys whose recorded value may differ from the one composed now without changing what the rest
-# of a stopped run trains: where teachers' logits are kept (no such key before 2026-12-04), and
-# precision=auto where the run recorded fp32, the default before auto: a resumed run's precision is
-# its state's (prepare.device_of), fp32 for a state saved before auto. Not for a sweep's jobs not
-# yet started, which would then train in another precision than its earlier jobs.
+# of a stopped run trains: where teachers' logits are kept (no such key before 2026-12-04); the
+# elastic distortion, off, where the run predates the key (2026-12-05); and precision=auto where
+# the run recorded fp32, the default before auto: a resumed run's precision is its state's
+# (prepare.device_of), fp32 for a state saved before auto. Not for a sweep's jobs not yet started,
+# which would then train in another precision than its earlier jobs.
 RESUMES_ACROSS = {"teacher_cache": lambda then, now: True,
+                  "data.elastic": lambda then, now: then == "<absent>" and now.get("scale") == 0,
                   "precision": lambda then, now: then == "fp32" and now == "auto"}
+SWEEP_CONTINUES_ACROSS = {k: RESUMES_ACROSS[k] for k in ("teacher_cache", "data.elastic")}
 
 
 def _first_difference(now, then, prefix="", allowed=None):
@@ -191,7 +194,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
         if overrides != job:
             raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
                           f"job {num} with [{' '.join(job)}]; {again}")
-        differs = _first_difference(compose_job(job), config, allowed={"teacher_cache": RESUMES_ACROSS["teacher_cache"]})
+        differs = _first_difference(compose_job(job), config, allowed=SWEEP_CONTINUES_ACROSS)
         if differs:
             key, now, then = differs
             raise KDError(f"sweep job {folder.name} ran with {key}={then!r}, and this sweep would run it with "

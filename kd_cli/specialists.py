@@ -122,7 +122,7 @@ def combine(p_g, p_specialists, subsets, active, steps=200):
     return q
 
 
-def train_specialist(generalist, classes, x, y, recipe, jitter_pixels=0, seed=0):
+def train_specialist(generalist, classes, x, y, recipe, jitter_pixels=0, seed=0, elastic=None):
     """One specialist for `classes`: the generalist's hidden layers and head (specialist_head) as
     the start, fine-tuned on specialist_data, then its dustbin corrected for the oversampling.
     Returns (model in eval mode, record for the checkpoint)."""
@@ -132,7 +132,7 @@ def train_specialist(generalist, classes, x, y, recipe, jitter_pixels=0, seed=0)
         for mine, theirs in zip(model.hidden, generalist.hidden):
             mine.load_state_dict(theirs.state_dict())
         model.out.weight[:], model.out.bias[:] = specialist_head(generalist.out, classes)
-    result = train(model, xs, ys, hard_label_loss, recipe, jitter_pixels=jitter_pixels,
+    result = train(model, xs, ys, hard_label_loss, recipe, jitter_pixels=jitter_pixels, elastic=elastic,
                    desc=f"specialist {classes}")
     with torch.no_grad():
         model.out.bias[-1] += shift  # undo the dustbin's under-representation in the mix

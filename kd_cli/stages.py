@@ -14,7 +14,7 @@ from .data import load_mnist, split_validation
 from .errors import KDError
 from .evaluate import bias_correction, count_errors, predict_logits
 from .losses import distillation_loss, hard_label_loss, logit_matching_loss
-from .prepare import data_of, device_of, errors_fn, model_of, recipe_of
+from .prepare import data_of, device_of, elastic_of, errors_fn, model_of, recipe_of
 from .specialists import covariance_clusters, evaluate_combination, train_specialist
 from .teacher_cache import logits_source
 from .teachers import SoftTargets, caches_shifts, combine_log_probs, load_model, load_teacher, resolve_teacher
@@ -27,7 +27,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     train_x, _, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
-                   max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter),
+                   max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter), elastic=elastic_of(cfg),
                    evaluate=errors_fn(test_x, test_y, val, batch), desc=stage,
                    state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher,
                                                                   "precision": cfg.precision},
@@ -94,13 +94,14 @@ def distill(cfg, out_dir):
     teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name) for p in paths))
     T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss
     # the teachers run once, before training (over the transfer set, or each of its shifted
-    # copies), or on every jittered batch in a run too short for the copies to pay
+    # copies), or on every batch: a jittered one in a run too short for the copies to pay, and
+    # every elastically distorted one (each is new)
     shift = int(cfg.data.jitter)
+    per_batch = elastic_of(cfg) is not None or (shift > 0 and not caches_shifts(int(cfg.epochs), shift))
     logits_of, kept = logits_source(cfg.teacher_cache, [i["sha256"] for i in infos], train_x, shift,
                                     int(cfg.eval_batch_size))
     targets = SoftTargets(teachers, T, train_x, kind, cfg.teacher_combine, max_shift=shift,
-                          per_batch=not caches_shifts(int(cfg.epochs), shift), batch_size=int(cfg.eval_batch_size),
-                          logits_of=logits_of)
+                          per_batch=per_batch, batch_size=int(cfg.eval_batch_size), logits_of=logits_of)
     del teachers  # SoftTargets holds them as long as it needs them
     if kind == "logit_mse":
         loss_fn = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
@@ -213,7 +214,7 @@ def train_specialists(cfg, out_dir):
     if not subsets:
         raise KDError(f"clusters={cfg.clusters} left no subset of two or more classes; use fewer clusters")
     trained = [train_specialist(generalist, classes, train_x, train_y, recipe_of(cfg), int(cfg.data.jitter),
-                                int(cfg.seed) + i) for i, classes in enumerate(subsets)]
+                                int(cfg.seed) + i, elastic_of(cfg)) for i, classes in enumerate(subsets)]
     records = [r for _, r in trained]
     metrics = {"stage": "train-specialists",
                **evaluate_combination(generalist, [m for m, _ in trained], subsets, int(cfg.top_n), test_x, test_y, batch),

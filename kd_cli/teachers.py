@@ -154,7 +154,8 @@ class SoftTargets:
     """What a distilled student matches, batch by batch: the teachers' combined log-probabilities
     at T (loss=kd), or their mean logit (loss=logit_mse). The teachers run in eval mode and outside
     autograd. Without jitter they run once, over the transfer set `x`. With a transfer set jittered
-    by up to `max_shift` px they run either on each batch as the student sees it (`per_batch`) or,
+    by up to `max_shift` px they run either on each batch as the student sees it (`per_batch`, also
+    for a distorted transfer set, whose every batch is new) or,
     once, over each of the set's (2 max_shift + 1)^2 shifted copies (25 at 2 px: 60 MB for MNIST),
     instead of once an epoch (60 times in the default recipe): see caches_shifts. Run once, each
     teacher's logits come from `logits_of(i, teacher)` ([codes, N, C], shifted_logits' layout;
@@ -166,7 +167,7 @@ class SoftTargets:
                  batch_size=10000, logits_of=None):
         self.teachers, self.T, self.kind, self.combine = list(teachers), float(T), kind, combine
         self.batch_size, self.max_shift = batch_size, int(max_shift)
-        self.per_batch, self.cached = per_batch and self.max_shift > 0, None
+        self.per_batch, self.cached = per_batch, None
         if self.per_batch:
             return
         logits_of = logits_of or (lambda i, teacher: shifted_logits(teacher, x, self.max_shift, batch_size))

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SCHEDULES
-from .data import draw_shifts, shift_images
+from .data import draw_shifts, elastic_distort, shift_images
 from .errors import KDError
 from .evaluate import NonFiniteOutputs
 from .averaging import WeightAverage
@@ -80,12 +80,13 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, evaluate=None,
-          desc="train", state_path=None, state_extra=None, started=None):
+def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, elastic=None,
+          evaluate=None, desc="train", state_path=None, state_extra=None, started=None):
     """Train `model` in place on images x [N, 28, 28] with labels y [N] (None for an unlabeled
     transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx, xb,
     shifts)`: what it must match on the batch of images idx, seen as xb, each image moved by its
-    jitter code in shifts (None without jitter; data.draw_shifts). Each step calls
+    jitter code in shifts (None without jitter; data.draw_shifts) and, with `elastic` = (scale,
+    sigma), distorted (data.elastic_distort): then targets must run the teacher on xb. Each step calls
     loss_fn(logits, labels or None, targets or None). Before the first epoch and after each one
     `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the untrained
     model) and shown on the bar.
@@ -178,6 +179,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
                 xb = xe[s]
+                if elastic:  # (scale, sigma): each image distorted anew at every step, after its shift
+                    xb = elastic_distort(xb, *elastic)
                 tb = None if targets is None else targets(perm[s], xb, None if shifts is None else shifts[s])
                 with autocast:  # bf16: the matrix multiplies in bfloat16, the weights stay float32
                     z = model(xb)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import write_idx
 
-from kd_cli.data import jitter, load_mnist, split_validation
+from kd_cli.data import elastic_distort, jitter, load_mnist, split_validation
 from kd_cli.errors import KDError
 
 
@@ -96,3 +96,49 @@ def test_the_validation_split_is_a_random_sample_not_the_first_images():
     x, y = torch.arange(1000.0).view(1000, 1, 1), torch.arange(1000) // 100
     _, _, val_x, val_y = split_validation(x, y, 100)
     assert len(set(val_y.tolist())) >= 8
+
+
+def plain_field(n, scale, sigma, seed):
+    """Simard et al.'s displacement field written out: uniform noise in [-1, 1] (dx, dy per pixel,
+    drawn as elastic_distort draws it), convolved with a normalised Gaussian of std sigma along each
+    axis, zeros beyond the border, times scale."""
+    torch.manual_seed(seed)
+    noise = (torch.rand(n, 2, 28, 28) * 2 - 1).double()
+    r = int(np.ceil(3 * sigma))
+    k = torch.tensor([np.exp(-t * t / (2 * sigma * sigma)) for t in range(-r, r + 1)], dtype=torch.float64)
+    k = k / k.sum()
+    flat = noise.reshape(n * 2, 1, 28, 28)
+    flat = torch.nn.functional.conv2d(flat, k.view(1, 1, 1, -1), padding=(0, r))
+    flat = torch.nn.functional.conv2d(flat, k.view(1, 1, -1, 1), padding=(r, 0))
+    return flat.view(n, 2, 28, 28) * scale
+
+
+@pytest.mark.parametrize("scale, sigma", [(34.0, 4.0), (3.0, 1.5)])
+def test_elastic_distortion_moves_each_pixel_by_simards_smoothed_field(scale, sigma):
+    """Bilinear sampling of a ramp is exact: distorting the image whose pixel (i, j) holds j gives
+    back j + dx there (and the ramp in i gives i + dy), wherever the moved point stays inside the
+    image. So the field can be read off and held against the plain convolution of the same noise."""
+    n = 6
+    i, j = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    torch.manual_seed(7)
+    moved_x = elastic_distort(j.expand(n, 28, 28).contiguous(), scale, sigma)
+    torch.manual_seed(7)
+    moved_y = elastic_distort(i.expand(n, 28, 28).contiguous(), scale, sigma)
+    field = plain_field(n, scale, sigma, 7)
+    x, y = j + field[:, 0], i + field[:, 1]
+    inside = (x >= 0) & (x <= 27) & (y >= 0) & (y <= 27)
+    assert inside.float().mean() > 0.5  # most points: the check covers the field
+    torch.testing.assert_close((moved_x.double() - j)[inside], field[:, 0][inside], atol=1e-3, rtol=0)
+    torch.testing.assert_close((moved_y.double() - i)[inside], field[:, 1][inside], atol=1e-3, rtol=0)
+
+
+def test_no_elastic_distortion_leaves_the_images_and_each_call_draws_anew():
+    torch.manual_seed(0)
+    x = torch.rand(4, 28, 28)
+    torch.testing.assert_close(elastic_distort(x, 0.0, 4.0), x)
+    a, b = elastic_distort(x, 34.0, 4.0), elastic_distort(x, 34.0, 4.0)
+    assert (a - b).abs().max() > 0.1
+    torch.manual_seed(3)
+    again = elastic_distort(x, 34.0, 4.0)
+    torch.manual_seed(3)
+    assert torch.equal(again, elastic_distort(x, 34.0, 4.0))

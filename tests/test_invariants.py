@@ -120,6 +120,25 @@ def test_under_bf16_the_teacher_still_gives_float32_soft_targets_on_each_batch(k
         torch.testing.assert_close(log_p.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("epochs", [2, 9])  # 9 epochs at 1 px would cache the 9 shifted copies without elastic
+def test_an_elastic_transfer_set_gets_the_teachers_targets_on_each_distorted_batch(kd, two_teachers, forwards,
+                                                                                  soft_targets_seen, epochs):
+    """data.elastic distorts every batch anew: no copy of the set can be cached, so the teacher
+    runs on each batch exactly as the student sees it, and the student sees it distorted (MNIST's
+    pixels are k / 255; bilinear resampling puts most of a distorted image in between)."""
+    T = 3.0
+    kd("distill", f"teacher={two_teachers[0]}", f"T={T}", "data.jitter=1", "data.elastic.scale=3",
+       f"model.hidden=[{STUDENT}]", f"epochs={epochs}", "batch_size=100", f"hydra.run.dir={kd.cwd / 'd'}")
+    student_steps = [x for width, training, _, x in forwards if width == STUDENT and training]
+    teacher_inputs = [x for width, training, grad, x in forwards if width == TEACHER and not grad]
+    assert len(student_steps) == len(soft_targets_seen) == len(teacher_inputs) == epochs * 6
+    for xb, tx, (log_p, _) in zip(student_steps, teacher_inputs, soft_targets_seen):
+        assert torch.equal(xb, tx)
+        assert ((xb * 255 - (xb * 255).round()).abs() > 1e-3).float().mean() > 0.05
+        torch.testing.assert_close(log_p.double(), torch.log_softmax(plain_logits(two_teachers[0], xb) / T, 1),
+                                   atol=1e-4, rtol=1e-4)
+
+
 # one teacher per batch and cached over the shifted copies; an ensemble: the teachers' mean logit
 @pytest.mark.parametrize("jitter,epochs,members", [(2, 2, 1), (1, 9, 1), (0, 1, 2)])
 def test_logit_matching_matches_the_eval_mode_teachers_logits_on_its_own_batch(kd, two_teachers, forwards,

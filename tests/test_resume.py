@@ -152,6 +152,35 @@ def test_a_stopped_distillation_from_an_ensemble_resumes_with_every_teacher(kd):
     assert len(json.loads((kd.cwd / "stopped" / "metrics.json").read_text())["teacher"]) == 2
 
 
+def test_a_stopped_run_with_elastic_distortion_resumes_to_the_untouched_run(kd):
+    """The distortion draws from the RNG at every step: a run stopped mid-epoch must draw, from
+    there, what the untouched run drew."""
+    args = [*RUN, "data.jitter=1", "data.elastic.scale=3"]
+    kd(*args, f"hydra.run.dir={kd.cwd / 'whole'}")
+    proc = kd(*args, f"hydra.run.dir={kd.cwd / 'stopped'}", extra_env=signal_at(signal.SIGINT, 2, 7), check=False)
+    assert proc.returncode == 130, proc.stderr
+    kd(RUN[0], f"resume={kd.cwd / 'stopped'}")
+    assert_same_run(kd.cwd / "stopped", kd.cwd / "whole")
+
+
+def test_a_run_stopped_before_the_elastic_key_existed_resumes_and_one_that_set_it_keeps_it(kd):
+    run_dir = kd.cwd / "stopped"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    record = run_dir / ".hydra" / "config.yaml"
+    text = record.read_text()
+    block = "  elastic:\n    scale: 0\n    sigma: 4\n"
+    assert block in text
+    record.write_text(text.replace(block, ""))  # as a run recorded before 2026-12-05: off
+    kd(RUN[0], f"resume={run_dir}")
+    assert (run_dir / "checkpoint.pt").exists()
+    other = kd.cwd / "other"  # but a run that distorted does not continue without it
+    kd(*RUN, f"hydra.run.dir={other}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    record = other / ".hydra" / "config.yaml"
+    record.write_text(record.read_text().replace(block, "  elastic:\n    scale: 3\n    sigma: 4\n"))
+    proc = kd(RUN[0], f"resume={other}", check=False)
+    assert proc.returncode == 2 and "started with data.elastic.scale=3" in proc.stderr, proc.stderr
+
+
 def test_resume_refuses_a_changed_teacher(kd):
     teacher = stopped_distillation(kd)
     ckpt = load_checkpoint(teacher)
