@@ -44,6 +44,14 @@ def test_distill_default_recipe_and_overrides_win():
     assert d.optim == s.optim
     d = composed("distill", "T=20", "data.jitter=0", "epochs=7")
     assert d.T == 20 and d.data.jitter == 0 and d.epochs == 7
+    assert d.data.elastic.scale == 0  # no distortion unless asked for
+
+
+def test_the_elastic_recipe_is_the_default_distorted_and_twice_as_long():
+    d, e = composed("distill"), composed("distill", "recipe=elastic")
+    assert (e.data.elastic.scale, e.data.elastic.sigma, e.epochs) == (34, 4, 2 * d.epochs)
+    assert (e.T, e.alpha, e.lr, e.data.jitter, e.optim) == (d.T, d.alpha, d.lr, d.data.jitter, d.optim)
+    assert composed("distill", "recipe=elastic", "data.elastic.scale=10").data.elastic.scale == 10
 
 
 def test_transfer_presets_keep_the_papers_setup():
