@@ -160,7 +160,7 @@ def sweep_overrides(stage, sweep_dir):
 # (prepare.device_of), fp32 for a state saved before auto. Not for a sweep's jobs not yet started,
 # which would then train in another precision than its earlier jobs.
 RESUMES_ACROSS = {"teacher_cache": lambda then, now: True,
-                  "data.elastic": lambda then, now: then == "<absent>" and now.get("scale") == 0,
+                  "data.elastic": lambda then, now: then == "<absent>" and isinstance(now, dict) and now.get("scale") == 0,
                   "precision": lambda then, now: then == "fp32" and now == "auto"}
 SWEEP_CONTINUES_ACROSS = {k: RESUMES_ACROSS[k] for k in ("teacher_cache", "data.elastic")}
 

@@ -101,6 +101,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     kd recorded wall time in it: earlier_wall_seconds is then unknown and 0)."""
     if recipe.precision not in ("fp32", "bf16"):  # auto is settled on the device first (prepare.device_of)
         raise ValueError(f"train() needs precision fp32 or bf16, got {recipe.precision!r}")
+    if elastic and not getattr(targets, "per_batch", True):  # targets cached for undistorted images
+        raise ValueError("train() with elastic distortion needs targets computed on each batch (per_batch)")
     started = time.perf_counter() if started is None else started
     n, device = x.shape[0], x.device
     steps_per_epoch = math.ceil(n / recipe.batch_size)

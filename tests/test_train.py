@@ -407,3 +407,15 @@ def test_bf16_hands_the_loss_float32_logits():
     train(MLP(hidden=[8]), x, y, lambda z, t, _: (dtypes.append(z.dtype), hard_label_loss(z, t))[1],
           Recipe(epochs=1, batch_size=32, lr=0.1, precision="bf16"))
     assert dtypes == [torch.float32] * 3
+
+
+def test_elastic_distortion_refuses_targets_cached_for_undistorted_images():
+    class Cached:  # as SoftTargets when it holds the teacher's outputs on the undistorted set
+        per_batch = False
+
+        def __call__(self, idx, xb, shifts):
+            return None
+    x, y = toy(32)
+    with pytest.raises(ValueError, match="per_batch"):
+        train(MLP(hidden=[4]), x, y, lambda z, t, _: hard_label_loss(z, t), Recipe(epochs=1, batch_size=16, lr=0.1),
+              targets=Cached(), elastic=(3.0, 4.0))
