@@ -104,7 +104,8 @@ SCHEMA = {
     "data.train_limit": null_or(integer(1)),
     "data.jitter": integer(0, MAX_JITTER),
     "data.elastic": ("a map of scale and sigma, e.g. data.elastic.scale=34", lambda v: isinstance(v, dict)),
-    "data.elastic.scale": number(0, 28),  # px: a pixel moved further leaves the image
+    # px, before the smoothing: at sigma 4 a pixel typically moves about scale / 25 (34: ~1.4 px)
+    "data.elastic.scale": number(0, 200),
     "data.elastic.sigma": number(0.1, 28),  # px: the kernel stays finite and smaller than a few images
     "data.val_size": integer(0),
     "data.transfer.exclude": digits(),

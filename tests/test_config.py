@@ -52,6 +52,7 @@ def test_the_elastic_recipe_is_the_default_distorted_and_twice_as_long():
     assert (e.data.elastic.scale, e.data.elastic.sigma, e.epochs) == (34, 4, 2 * d.epochs)
     assert (e.T, e.alpha, e.lr, e.data.jitter, e.optim) == (d.T, d.alpha, d.lr, d.data.jitter, d.optim)
     assert composed("distill", "recipe=elastic", "data.elastic.scale=10").data.elastic.scale == 10
+    validate("distill", e)  # its values pass kd's own checks
 
 
 def test_transfer_presets_keep_the_papers_setup():

@@ -172,7 +172,7 @@ def test_a_sweep_whose_records_changed_or_are_damaged_is_refused_as_it_was(kd):
     (["train-student", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1"),
     (["train-student", "batch_size=0"], "batch_size must be an integer >= 1"),
     (["train-teacher", "model.max_norm=-2"], "model.max_norm must be"),
-    (["distill", "data.elastic.scale=-1"], "data.elastic.scale must be a number in [0, 28]"),
+    (["distill", "data.elastic.scale=-1"], "data.elastic.scale must be a number in [0, 200]"),
     (["train-student", "data.elastic.sigma=0"], "data.elastic.sigma must be a number in [0.1, 28]"),
     (["train-student", "data.elastic.sigma=1e9"], "data.elastic.sigma must be a number in [0.1, 28]"),
     (["train-student", "data.elastic=34"], "data.elastic must be a map of scale and sigma"),
