@@ -110,15 +110,34 @@ def load_teacher(path, device, in_features, out_features, data_name="mnist"):
 
 
 def combine_log_probs(log_probs, how):
-    """One distribution from several teachers' log-probabilities [K, N, C], as log-probabilities:
-    arithmetic, the mean of the probabilities, log(mean_k p_k); geometric, the normalised
-    geometric mean, softmax(mean_k log p_k). Neither is the softmax of the mean logit (at T, that
-    is the geometric mean only when every teacher shares T; the arithmetic mean never)."""
-    if how == "arithmetic":
-        return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    if how == "geometric":
-        return torch.log_softmax(log_probs.mean(dim=0), dim=-1)
-    raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {how!r}")
+    """One distribution from several teachers' log-probabilities, as log-probabilities: a tensor
+    [K, N, C], or an iterable of K tensors [..., C] read one at a time (an ensemble's 25 shifted
+    copies are 60 MB a teacher). Arithmetic, the mean of the probabilities, log(mean_k p_k);
+    geometric, the normalised geometric mean, softmax(mean_k log p_k). Neither is the softmax of
+    the mean logit (at T, that is the geometric mean only when every teacher shares T; the
+    arithmetic mean never)."""
+    if how not in COMBINE:
+        raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {how!r}")
+    total, k = None, 0
+    for log_p in log_probs:
+        if total is None:
+            total = log_p
+        elif how == "arithmetic":
+            total = torch.logaddexp(total, log_p)  # log sum_k p_k
+        else:
+            total = total + log_p  # sum_k log p_k
+        k += 1
+    if k == 1:
+        return total
+    return total - math.log(k) if how == "arithmetic" else torch.log_softmax(total / k, dim=-1)
+
+
+def mean_logits(logits):
+    """The teachers' mean logit (loss=logit_mse), from an iterable of their logits, one at a time."""
+    total, k = None, 0
+    for v in logits:
+        total, k = (v if total is None else total + v), k + 1
+    return total if k == 1 else total / k
 
 
 @torch.no_grad()
@@ -177,29 +196,11 @@ class SoftTargets:
         self.teachers = []  # never run again: let their memory go
 
     def combined(self, logits):
-        """The teachers' logits [..., C], one teacher's at a time (an iterable: an ensemble's 25
-        shifted copies are 60 MB a teacher), as what the student matches: for logit_mse their
-        mean; else one teacher's log p, or the ensemble's (combine_log_probs' formulas, summed up
-        teacher by teacher)."""
-        total, k = None, 0
-        for v in logits:
-            term = v if self.kind == "logit_mse" else soft_targets(v, self.T)
-            if total is None:
-                total = term
-            elif self.kind != "logit_mse" and self.combine == "arithmetic":
-                total = torch.logaddexp(total, term)  # log sum_k p_k
-            else:
-                total = total + term  # sum of logits, or of log p
-            k += 1
-        if k == 1:
-            return total
+        """The teachers' logits [..., C], one teacher's at a time, as what the student matches:
+        their mean for logit_mse, else one teacher's log p or the ensemble's (combine_log_probs)."""
         if self.kind == "logit_mse":
-            return total / k
-        if self.combine == "arithmetic":
-            return total - math.log(k)
-        if self.combine == "geometric":
-            return torch.log_softmax(total / k, dim=-1)
-        raise KDError(f"teacher_combine must be one of {', '.join(COMBINE)}, got {self.combine!r}")
+            return mean_logits(logits)
+        return combine_log_probs((soft_targets(v, self.T) for v in logits), self.combine)
 
     def of(self, x):
         return self.combined([teacher_logits(t, x, self.batch_size) for t in self.teachers])
