@@ -12,7 +12,9 @@ from . import run
 from .errors import KDError
 from .preflight import CONFIG_MODULE, check_overrides, quote_paths
 
-# stage -> (primary config name, one line for `kd --help`)
+# stage -> (primary config name, one line for `kd --help`). A new stage: this, stages.STAGES (its
+# function), conf/<config>.yaml with hydra.job.name = the stage, and preflight.SEARCHABLE if it
+# has conf/hparams_search/<config>.yaml
 STAGES = {
     "train-teacher": ("train_teacher", "train the 784-1200-1200-10 teacher (dropout, max-norm, jitter)"),
     "train-student": ("train_student", "train the 784-800-800-10 student on hard labels (the baseline)"),
@@ -176,7 +178,7 @@ def main(argv=None):
 
     import hydra
 
-    from .report import is_search
+    from .report import is_search_folder
     from .sweep_end import finished
 
     _register_search()
@@ -193,7 +195,7 @@ def main(argv=None):
     for sweep in finished:
         failed = sorted(sweep.glob(f"*/{run.ERROR}"))
         _report_quietly(sweep)
-        if failed and is_search(sweep):  # failures are part of a search: recorded in the study, reported
+        if failed and is_search_folder(sweep):  # failures are part of a search: recorded in the study, reported
             print(f"kd: {len(failed)} trial(s) failed and are recorded as failed: {sweep / 'report.md'}",
                   file=sys.stderr)
         elif failed:

@@ -8,8 +8,10 @@ from .errors import KDError
 
 COMBINE = ("arithmetic", "geometric")  # how an ensemble's distributions are combined
 LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al.'s logit matching
+# a new loss: losses.py, stages.distill (loss_fn, the T it records, the Diverged hint),
+# teachers.SoftTargets.combined (what the student matches), conf/distill.yaml's comment
 SCHEDULES = ("onecycle", "cosine", "exponential", "constant")
-DATASETS = ("mnist", "fashion_mnist")
+DATASETS = ("mnist", "fashion_mnist")  # data.DATASETS maps each to its folder; each has conf/data/<name>.yaml
 # Where the soft loss is computed accurately in float32: below 0.01 logits / T overflow for
 # logits of a few hundred; above 1000 KL(p || q) is smaller than float32's rounding of log p
 # and log q, so the loss is noise (T=1e6 gave a negative loss of -5578).

@@ -1,4 +1,11 @@
-"""MNIST as tensors in memory on the run's device, and the batched pixel jitter."""
+"""The data set (MNIST, Fashion-MNIST) as tensors in memory on the run's device, its validation
+split, the transfer set, and the training-time augmentations (jitter, elastic distortion).
+
+A new augmentation also needs: its keys in conf/data/mnist.yaml and config.SCHEMA; a reader in
+prepare.py (like elastic_of); a train() argument and its line in the step; passing it on in
+stages._fit_and_finish, stages.train_specialists and specialists.train_specialist; stages.distill's
+per_batch (cached teacher targets are for unaugmented images); run.RESUMES_ACROSS, so that runs
+recorded before the key resume with it off."""
 import math
 import os
 import struct
@@ -13,7 +20,8 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # data.name -> torchvision class and folder
+# data.name -> torchvision class and folder; the keys are config.DATASETS (the schema's list)
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
 def read_idx(path):
@@ -131,7 +139,9 @@ def every_shift(images, max_shift):
 
 def jitter(images, max_shift):
     """Shift each image [N, H, W] by its own random integer in [-max_shift, max_shift] along each
-    axis, filling with zeros (draw_shifts, then shift_images). max_shift 0 returns the images."""
+    axis, filling with zeros (draw_shifts, then shift_images). max_shift 0 returns the images.
+    train() does not call it: it calls draw_shifts and shift_images itself, to hand the shift codes
+    to a distilled student's targets, so a change to the training jitter belongs there."""
     if max_shift <= 0:
         return images
     return shift_images(images, draw_shifts(images.shape[0], max_shift, images.device), max_shift)

@@ -14,10 +14,10 @@ from .models import MLP
 from .train import Recipe
 
 
-def device_of(cfg, state=None):
+def device_of(cfg, state_path=None):
     """The run's device, with its precision settled on it: cfg.precision=auto becomes bf16 where
     the device computes bfloat16 natively and fp32 elsewhere, here, so that the recipe,
-    metrics.json and the checkpoint's config record what ran. A run resumed from `state` keeps the
+    metrics.json and the checkpoint's config record what ran. A run resumed from `state_path` keeps the
     precision it started with (auto could settle otherwise on another machine)."""
     # Flush denormals to zero: as a distilled student grows confident, float32 underflow makes
     # denormal values that the CPU handles ~2x slower (a distill epoch went from 1.1 s to 2.4 s
@@ -25,8 +25,8 @@ def device_of(cfg, state=None):
     torch.set_flush_denormal(True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if "precision" in cfg:
-        if state is not None:  # what it started in; a state saved before auto: fp32, the default then
-            cfg.precision = load_checkpoint(state).get("precision") or \
+        if state_path is not None:  # what it started in; a state saved before auto: fp32, the default then
+            cfg.precision = load_checkpoint(state_path).get("precision") or \
                 ("fp32" if cfg.precision == "auto" else cfg.precision)
         elif cfg.precision == "auto":
             cfg.precision = "bf16" if native_bf16(device) else "fp32"
@@ -83,6 +83,7 @@ def data_of(cfg, device):
         if cfg.data.val_size >= train_x.shape[0]:
             raise KDError(f"data.val_size={cfg.data.val_size} leaves no training images "
                           f"(there are {train_x.shape[0]})")
+        # the split stages._validation_for cuts again for fit_bias: the two must stay the same cut
         train_x, train_y, *val = split_validation(train_x, train_y, int(cfg.data.val_size))
     t = cfg.data.transfer
     train_x, train_y, transfer = transfer_set(train_x, train_y, t.exclude, t.include,

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from .errors import KDError
 from .plots import SEED, _number, learning_curves, plot, validation_plot
 from .run import ERROR, METRICS, RECORD, STATE, sweep_jobs
-from .run import is_search as run_is_search
+from .run import is_search
 
 
 def launched_jobs(sweep):
@@ -34,10 +34,10 @@ def launched_jobs(sweep):
         return []
 
 
-def is_search(sweep):
+def is_search_folder(sweep):
     """Whether a folder holds a search (hparams_search=...: kd's Optuna sweeper) rather than a grid."""
     try:
-        return run_is_search(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra)
+        return is_search(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra)
     except Exception:  # no record, or a damaged one: not a search kd can tell
         return False
 
@@ -238,7 +238,7 @@ def report(paths, out=None):
         raise KDError(f"cannot make the report folder {out}: {e.strerror or e}") from None
     groups = seed_groups(rows, swept) if SEED in swept else None
     text = markdown(rows, swept, fixed, groups)
-    if any(is_search(p) for p in paths):
+    if any(is_search_folder(p) for p in paths):
         if validation_plot(out / "search.png", rows, swept, best_by_validation(rows)):
             text += "\n\n![validation errors against each searched parameter](search.png)"
     elif plot(out / "report.png", rows, swept):

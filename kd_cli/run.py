@@ -30,7 +30,7 @@ def state_of(folder):
         return "stopped"
     if (folder / ERROR).exists():
         return "failed"
-    if any((folder / name).exists() for name in (RECORD, CHECKPOINT, METRICS)):
+    if any((folder / name).exists() for name in (RECORD, CHECKPOINT)):
         return "started"
     return "empty"
 
@@ -48,7 +48,7 @@ def check_new_run_folder(folder, stage):
 
 
 def check_resume(run_dir, out_dir=None):
-    """A run folder that `resume=` can continue: it has a state.pt and no checkpoint.pt yet, and
+    """A run folder that `resume=` can continue: it has a state.pt and no metrics.json yet, and
     (once Hydra runs) it is this run's own folder. Returns the state's path."""
     run_dir = Path(run_dir)
     if (run_dir / METRICS).exists():

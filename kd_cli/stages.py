@@ -21,9 +21,10 @@ from .teachers import SoftTargets, caches_shifts, combine_log_probs, load_model,
 from .train import Diverged, train
 
 
-def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, extra, state,
+def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, extra,
                     targets=None, teacher=None):
-    """Train (or continue from `state`), count the final errors, write checkpoint.pt and metrics.json."""
+    """Train (train() continues by itself from out_dir/state.pt when there is one), count the
+    final errors, write checkpoint.pt and metrics.json."""
     train_x, _, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
@@ -55,11 +56,11 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
 
 def _train_on_labels(stage, cfg, out_dir):
     started = time.perf_counter()
-    state = run.start(out_dir, cfg.get("resume"))
-    data, transfer = data_of(cfg, device_of(cfg, state))
+    state_path = run.start(out_dir, cfg.get("resume"))
+    data, transfer = data_of(cfg, device_of(cfg, state_path))
     model = model_of(cfg, data[0].device, data[0][0].numel())
     return _fit_and_finish(stage, cfg, out_dir, started, data, model, data[1], hard_label_loss,
-                           {"transfer": transfer}, state)
+                           {"transfer": transfer})
 
 
 def train_teacher(cfg, out_dir):
@@ -87,9 +88,9 @@ def distill(cfg, out_dir):
     """The student learns the teachers' soft targets at T (paper, section 2), with weight alpha on
     the hard labels; alpha=0 hands the loop no labels at all."""
     started = time.perf_counter()
-    state = run.start(out_dir, cfg.resume)
-    paths = resolve_teacher(cfg.teacher) if state is None else _recorded_teachers(state)
-    data, transfer = data_of(cfg, device_of(cfg, state))
+    state_path = run.start(out_dir, cfg.resume)
+    paths = resolve_teacher(cfg.teacher) if state_path is None else _recorded_teachers(state_path)
+    data, transfer = data_of(cfg, device_of(cfg, state_path))
     train_x, train_y = data[0], data[1]
     teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name) for p in paths))
     T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss
@@ -105,8 +106,10 @@ def distill(cfg, out_dir):
     del teachers  # SoftTargets holds them as long as it needs them
     if kind == "logit_mse":
         loss_fn = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
-    else:
+    elif kind == "kd":
         loss_fn = lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha)  # noqa: E731
+    else:  # config.LOSSES lists where a new loss goes
+        raise ValueError(f"unknown loss {kind!r}")
     record = [{"path": i["path"], "sha256": i["sha256"]} for i in infos]
     ensemble = {"teacher_combine": cfg.teacher_combine} if len(infos) > 1 and kind != "logit_mse" else {}
     extra = {"T": T if kind == "kd" else None, "alpha": alpha, "loss": kind, **ensemble,
@@ -115,7 +118,7 @@ def distill(cfg, out_dir):
     model = model_of(cfg, train_x.device, train_x[0].numel())
     try:
         return _fit_and_finish("distill", cfg, out_dir, started, data, model, train_y if alpha > 0 else None,
-                               loss_fn, extra, state, targets=targets,
+                               loss_fn, extra, targets=targets,
                                teacher=record[0] if len(record) == 1 else record)
     except Diverged as e:
         teacher_ok = targets.finite(train_x)
@@ -138,6 +141,7 @@ def _validation_for(cfg, ckpt, device):
                                         None if limit is None else int(limit), cfg.data.name)
     if val_size >= train_x.shape[0]:
         raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
+    # the same cut as prepare.data_of's for training (load_mnist, then split_validation's fixed seed)
     _, _, val_x, val_y = split_validation(train_x, train_y, val_size)
     # the same split only if it is cut from the same images: another train_limit moves its border
     same_images = limit == trained.get("train_limit") and cfg.data.name == trained.get("name", cfg.data.name)

@@ -15,8 +15,6 @@ from .models import build_mlp
 TEACHER_STAGE = "train-teacher"
 
 
-
-
 def resolve_teacher(teacher, outputs="outputs"):
     """The teachers' checkpoint paths (a list): the newest `kd train-teacher` wrote when none is
     given; a path (`pretrained`: the teacher shipped with kd); a list of paths (an ensemble); or a
@@ -200,7 +198,9 @@ class SoftTargets:
         their mean for logit_mse, else one teacher's log p or the ensemble's (combine_log_probs)."""
         if self.kind == "logit_mse":
             return mean_logits(logits)
-        return combine_log_probs((soft_targets(v, self.T) for v in logits), self.combine)
+        if self.kind == "kd":
+            return combine_log_probs((soft_targets(v, self.T) for v in logits), self.combine)
+        raise ValueError(f"unknown loss {self.kind!r}")
 
     def of(self, x):
         return self.combined([teacher_logits(t, x, self.batch_size) for t in self.teachers])
