@@ -112,16 +112,14 @@ def elastic_distort(images, scale, sigma):
 
 def shift_images(images, shifts, max_shift):
     """Each image [N, H, W] moved by its code in `shifts` (see draw_shifts), zeros filling in where
-    it moves away: one slice-and-copy per possible shift, not one Python step per image."""
+    it moves away: one gather of each image's window in the zero-padded image, so that a batch of
+    100 costs a few small ops (train() shifts each batch as it comes, not the whole set each epoch)."""
     n, h, w = images.shape
-    side = 2 * max_shift + 1
-    padded = F.pad(images, (max_shift,) * 4)
-    out = torch.empty_like(images)
-    for k in range(side * side):
-        dy, dx = divmod(k, side)
-        idx = (shifts == k).nonzero().squeeze(1)
-        out[idx] = padded[idx, dy:dy + h, dx:dx + w]
-    return out
+    side, wide = 2 * max_shift + 1, w + 2 * max_shift
+    padded = F.pad(images, (max_shift,) * 4).flatten(1)
+    window = (torch.arange(h, device=images.device)[:, None] * wide + torch.arange(w, device=images.device)).flatten()
+    corner = shifts // side * wide + shifts % side  # where code k's window starts in the padded image
+    return padded.gather(1, corner[:, None] + window).view(n, h, w)
 
 
 def shift_codes(max_shift):
@@ -132,9 +130,12 @@ def shift_codes(max_shift):
 def every_shift(images, max_shift):
     """(k, the images [N, H, W] all moved by code k) for every jitter code k in turn (see
     draw_shifts; code k moves a picture by (max_shift - k // side, max_shift - k % side) px)."""
-    same = torch.empty(images.shape[0], dtype=torch.long, device=images.device)
+    h, w = images.shape[1:]
+    side = 2 * max_shift + 1
+    padded = F.pad(images, (max_shift,) * 4)
     for k in range(shift_codes(max_shift)):
-        yield k, shift_images(images, same.fill_(k), max_shift)
+        dy, dx = divmod(k, side)
+        yield k, padded[:, dy:dy + h, dx:dx + w].contiguous()
 
 
 def jitter(images, max_shift):

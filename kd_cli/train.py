@@ -160,10 +160,10 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
             if resumed:
                 set_rng_state(state["rng_epoch"] if mid_epoch else state["rng"], device)
             rng_epoch = rng_state(device)  # what re-creates this epoch's shuffle and jitter
-            # one shuffle (and one jitter) per epoch; the batches are then contiguous slices
+            # one shuffle (and one jitter) drawn per epoch; each batch is gathered and moved as it
+            # comes (moving all 60,000 images at once took 0.45 s an epoch at one thread)
             perm = torch.randperm(n, device=device)
             shifts = draw_shifts(n, jitter_pixels, device) if jitter_pixels > 0 else None
-            xe = x[perm] if shifts is None else shift_images(x[perm], shifts, jitter_pixels)
             ye = None if y is None else y[perm]
             if mid_epoch:  # stopped mid-epoch: continue at the batch it stopped before
                 set_rng_state(state["rng"], device)
@@ -180,7 +180,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                 for group in opt.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-                xb = xe[s]
+                xb = x[perm[s]] if shifts is None else shift_images(x[perm[s]], shifts[s], jitter_pixels)
                 if elastic:  # (scale, sigma): each image distorted anew at every step, after its shift
                     xb = elastic_distort(xb, *elastic)
                 tb = None if targets is None else targets(perm[s], xb, None if shifts is None else shifts[s])

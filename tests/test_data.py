@@ -5,7 +5,7 @@ import torch
 
 from conftest import write_idx
 
-from kd_cli.data import elastic_distort, jitter, load_mnist, split_validation
+from kd_cli.data import draw_shifts, elastic_distort, every_shift, jitter, load_mnist, shift_images, split_validation
 from kd_cli.errors import KDError
 
 
@@ -40,6 +40,38 @@ def test_jitter_is_fresh_per_call_and_seeded():
     torch.manual_seed(2)
     assert torch.equal(jitter(images, 2), a) and not torch.equal(a, b)
     assert jitter(images, 0) is images
+
+
+def moved_by_hand(image, dy, dx):
+    """One image moved dy px down and dx px right, pixel by pixel, zeros where nothing lands."""
+    h, w = image.shape
+    out = torch.zeros_like(image)
+    for r in range(h):
+        for c in range(w):
+            if 0 <= r - dy < h and 0 <= c - dx < w:
+                out[r, c] = image[r - dy, c - dx]
+    return out
+
+
+@pytest.mark.parametrize("max_shift", [1, 2])
+def test_each_jitter_code_moves_an_image_as_every_shift_says(max_shift):
+    """Code k moves a picture by (max_shift - k // side, max_shift - k % side) px (every_shift's
+    docstring): shift_images, which train() applies batch by batch, and every_shift, over which the
+    teacher's logits are cached, must agree with that, and with each other, for every code."""
+    torch.manual_seed(4)
+    side = 2 * max_shift + 1
+    images = torch.rand(side * side, 9, 7)  # not square: rows and columns cannot be swapped unseen
+    codes = torch.arange(side * side)
+    batch = shift_images(images, codes, max_shift)
+    for k, moved in every_shift(images, max_shift):
+        dy, dx = max_shift - k // side, max_shift - k % side
+        assert torch.equal(batch[k], moved_by_hand(images[k], dy, dx))
+        assert torch.equal(moved, torch.stack([moved_by_hand(im, dy, dx) for im in images]))
+    shifts = draw_shifts(50, max_shift, "cpu")
+    mixed = torch.rand(50, 9, 7)
+    assert torch.equal(shift_images(mixed, shifts, max_shift),
+                       torch.stack([moved_by_hand(im, max_shift - int(k) // side, max_shift - int(k) % side)
+                                    for im, k in zip(mixed, shifts)]))
 
 
 def test_load_mnist_reads_the_idx_files_exactly(tmp_path):
