@@ -161,6 +161,23 @@ def test_each_epoch_draws_a_new_order_of_every_image():
     assert len({tuple(o) for o in orders}) == epochs
 
 
+def test_each_epoch_draws_its_order_then_its_jitter_codes_from_the_seeded_rng():
+    """What makes a run repeat bit for bit (and a recorded run repeat on a new version): per epoch,
+    one randperm of the set, then one randint of the 25 codes, from the global RNG, in that order;
+    the batches are slices of both. The expectation is those plain torch calls, not kd's."""
+    x, y = toy(64)
+    model, seen = MLP(hidden=[4]), []
+    torch.manual_seed(3)
+    train(model, x, y, lambda z, t, _: z.sum() * 0, Recipe(epochs=2, batch_size=16, lr=0.1), jitter_pixels=2,
+          targets=lambda idx, xb, shifts: seen.append((idx.clone(), shifts.clone())))
+    torch.manual_seed(3)
+    for epoch in range(2):
+        order, codes = torch.randperm(64), torch.randint(0, 25, (64,))
+        batches = seen[4 * epoch:4 * epoch + 4]
+        assert torch.equal(torch.cat([idx for idx, _ in batches]), order)
+        assert torch.equal(torch.cat([shifts for _, shifts in batches]), codes)
+
+
 def toy(n=256):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 28, 28, generator=g)
@@ -200,6 +217,18 @@ def test_partial_last_batch_is_used():
     assert seen == [32, 32, 6]
 
 
+def moved(image, code):
+    """A plain 2-px jitter, one image at a time: code = 5 * (dy + 2) + (dx + 2) shows the pixel
+    (dy, dx) away, zeros beyond the border."""
+    dy, dx = code // 5 - 2, code % 5 - 2
+    out = torch.zeros_like(image)
+    for r in range(28):
+        for c in range(28):
+            if 0 <= r + dy < 28 and 0 <= c + dx < 28:
+                out[r, c] = image[r + dy, c + dx]
+    return out
+
+
 def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
     torch.manual_seed(5)
     x, y = toy(64)
@@ -209,15 +238,6 @@ def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
         def forward(self, xb):
             seen.append(xb.clone())
             return super().forward(xb)
-
-    def moved(image, code):  # a plain shift, one image at a time: code = 5 * (dy + 2) + (dx + 2)
-        dy, dx = code // 5 - 2, code % 5 - 2
-        out = torch.zeros_like(image)
-        for r in range(28):
-            for c in range(28):
-                if 0 <= r + dy < 28 and 0 <= c + dx < 28:
-                    out[r, c] = image[r + dy, c + dx]
-        return out
 
     def loss_fn(z, yb, target):
         sums, idx, shifts = target
@@ -230,6 +250,26 @@ def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
     train(Recorder(hidden=[8]), x, y, loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
           jitter_pixels=2, targets=lambda idx, xb, shifts: (xb.flatten(1).sum(1), idx, shifts))
     assert len(seen) == 8
+
+
+def test_unjittered_targets_see_the_images_the_model_sees():
+    seen, checked = [], []
+    x, y = toy(40)
+
+    class Recorder(MLP):
+        def forward(self, xb):
+            seen.append(xb.clone())
+            return super().forward(xb)
+
+    def loss_fn(z, yb, idx):
+        assert torch.equal(seen[-1], x[idx]) and torch.equal(yb, y[idx])
+        checked.append(len(idx))
+        return z.sum() * 0
+
+    torch.manual_seed(2)
+    train(Recorder(hidden=[4]), x, y, loss_fn, Recipe(epochs=2, batch_size=16, lr=0.1),
+          targets=lambda idx, xb, shifts: idx)
+    assert checked == [16, 16, 8] * 2
 
 
 def sigint_on_second_call():
@@ -400,13 +440,31 @@ def test_the_epochs_loss_is_the_mean_over_all_its_batches():
     assert [row["loss"] for row in out["history"]] == [1.0, 4.0]
 
 
-def test_bf16_hands_the_loss_float32_logits():
-    # DESIGN: autocast for the forward; softmaxes, logs and T on float32 logits
-    dtypes = []
+def test_bf16_hands_the_loss_float32_logits_outside_autocast():
+    # DESIGN: autocast for the forward; softmaxes, logs and T on float32 logits. Inside autocast a
+    # loss with a matrix multiply (or any op autocast lowers) would silently run in bfloat16
+    seen = []
     x, y = toy(70)
-    train(MLP(hidden=[8]), x, y, lambda z, t, _: (dtypes.append(z.dtype), hard_label_loss(z, t))[1],
+    train(MLP(hidden=[8]), x, y,
+          lambda z, t, _: (seen.append((z.dtype, torch.is_autocast_enabled("cpu"))), hard_label_loss(z, t))[1],
           Recipe(epochs=1, batch_size=32, lr=0.1, precision="bf16"))
-    assert dtypes == [torch.float32] * 3
+    assert seen == [(torch.float32, False)] * 3
+
+
+def test_elastic_distortion_gets_each_batch_after_its_jitter(monkeypatch):
+    """train() moves a batch by its codes, then distorts it (the distortion resamples, so the
+    order matters): what elastic_distort is handed is the batch moved, image by image."""
+    import kd_cli.train as loop
+
+    handed, told = [], []
+    monkeypatch.setattr(loop, "elastic_distort", lambda xb, scale, sigma: (handed.append(xb.clone()), xb)[1])
+    x, y = toy(32)
+    torch.manual_seed(1)
+    train(MLP(hidden=[4]), x, y, lambda z, t, _: z.sum() * 0, Recipe(epochs=1, batch_size=16, lr=0.1),
+          jitter_pixels=2, elastic=(3.0, 4.0), targets=lambda idx, xb, shifts: told.append((idx, shifts)))
+    assert len(handed) == len(told) == 2
+    for xb, (idx, shifts) in zip(handed, told):
+        assert torch.equal(xb, torch.stack([moved(x[i], int(k)) for i, k in zip(idx, shifts)]))
 
 
 def test_elastic_distortion_refuses_targets_cached_for_undistorted_images():
