@@ -180,10 +180,11 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                 for group in opt.param_groups:
                     group["lr"], group["momentum"] = lr, momentum
                 s = slice(step * recipe.batch_size, (step + 1) * recipe.batch_size)
-                xb = x[perm[s]] if shifts is None else shift_images(x[perm[s]], shifts[s], jitter_pixels)
+                idx, codes = perm[s], None if shifts is None else shifts[s]
+                xb = x[idx] if codes is None else shift_images(x[idx], codes, jitter_pixels)
                 if elastic:  # (scale, sigma): each image distorted anew at every step, after its shift
                     xb = elastic_distort(xb, *elastic)
-                tb = None if targets is None else targets(perm[s], xb, None if shifts is None else shifts[s])
+                tb = None if targets is None else targets(idx, xb, codes)
                 with autocast:  # bf16: the matrix multiplies in bfloat16, the weights stay float32
                     z = model(xb)
                 # the loss (softmaxes, logs, T) in float32 on the logits; a no-op for fp32

@@ -156,3 +156,17 @@ def plain_logits(checkpoint, x):
     for i in layers:
         h = torch.relu(h @ w[f"hidden.{i}.weight"].double().T + w[f"hidden.{i}.bias"].double())
     return h @ w["out.weight"].double().T + w["out.bias"].double()
+
+
+def moved_by_hand(image, dy, dx):
+    """One image [H, W] moved dy px down and dx px right, pixel by pixel, zeros where nothing
+    lands: the plain second implementation the jitter is checked against."""
+    import torch
+
+    h, w = image.shape
+    out = torch.zeros_like(image)
+    for r in range(h):
+        for c in range(w):
+            if 0 <= r - dy < h and 0 <= c - dx < w:
+                out[r, c] = image[r - dy, c - dx]
+    return out

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_idx
+from conftest import moved_by_hand, write_idx
 
 from kd_cli.data import draw_shifts, elastic_distort, every_shift, jitter, load_mnist, shift_images, split_validation
 from kd_cli.errors import KDError
@@ -40,17 +40,6 @@ def test_jitter_is_fresh_per_call_and_seeded():
     torch.manual_seed(2)
     assert torch.equal(jitter(images, 2), a) and not torch.equal(a, b)
     assert jitter(images, 0) is images
-
-
-def moved_by_hand(image, dy, dx):
-    """One image moved dy px down and dx px right, pixel by pixel, zeros where nothing lands."""
-    h, w = image.shape
-    out = torch.zeros_like(image)
-    for r in range(h):
-        for c in range(w):
-            if 0 <= r - dy < h and 0 <= c - dx < w:
-                out[r, c] = image[r - dy, c - dx]
-    return out
 
 
 @pytest.mark.parametrize("max_shift", [1, 2])

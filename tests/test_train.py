@@ -6,6 +6,8 @@ import signal
 import pytest
 import torch
 
+from conftest import moved_by_hand
+
 from kd_cli.losses import hard_label_loss
 from kd_cli.models import MLP
 from kd_cli.train import Recipe, train
@@ -218,15 +220,8 @@ def test_partial_last_batch_is_used():
 
 
 def moved(image, code):
-    """A plain 2-px jitter, one image at a time: code = 5 * (dy + 2) + (dx + 2) shows the pixel
-    (dy, dx) away, zeros beyond the border."""
-    dy, dx = code // 5 - 2, code % 5 - 2
-    out = torch.zeros_like(image)
-    for r in range(28):
-        for c in range(28):
-            if 0 <= r + dy < 28 and 0 <= c + dx < 28:
-                out[r, c] = image[r + dy, c + dx]
-    return out
+    """An image moved by its 2-px jitter code, by hand: code k moves it (2 - k // 5, 2 - k % 5) px."""
+    return moved_by_hand(image, 2 - code // 5, 2 - code % 5)
 
 
 def test_targets_see_the_jittered_batch_the_model_sees_and_its_indices():
