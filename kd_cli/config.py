@@ -151,6 +151,29 @@ EXAMPLES = {"T": "the temperature, e.g. T=20", "alpha": "the weight of the hard-
 _ABSENT = object()
 
 
+def unknown_keys(tree, prefix=""):
+    """The composed keys the schema does not know (Hydra's own aside): a key added with + or ++,
+    which Hydra accepts and nothing reads. A map the schema checks as a whole (bias_shift) is one key."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if key == "hydra":
+            continue
+        if isinstance(v, dict) and any(s.startswith(key + ".") for s in SCHEMA):
+            yield from unknown_keys(v, key + ".")
+        elif key not in SCHEMA:
+            yield key
+
+
+def _closest(key):
+    """'; did you mean optim.lr_decay?' where a known key is close, else ''."""
+    import difflib
+
+    last = key.rsplit(".", 1)[-1]
+    same_name = [s for s in SCHEMA if s.rsplit(".", 1)[-1] == last]
+    near = same_name or difflib.get_close_matches(key, SCHEMA, n=1)
+    return f"; did you mean {near[0]}?" if near else ""
+
+
 def check(stage, cfg):
     """Raise KDError naming the key, what it must be and what it got, for the first value the
     stage cannot run with. Runs on the composed config before Hydra makes any folder."""
@@ -167,6 +190,10 @@ def check(stage, cfg):
         if not ok(value):
             hint = f" ({EXAMPLES[key]})" if key in EXAMPLES else ""
             raise KDError(f"{key} must be {need}{hint}, got {value!r}")
+    unknown = next(unknown_keys(OmegaConf.to_container(cfg)), None)
+    if unknown is not None:
+        raise KDError(f"unknown key '{unknown}' for kd {stage} (added with +: nothing reads it){_closest(unknown)}; "
+                      f"`kd {stage} --cfg job` lists the keys")
     if cfg.get("bias_shift") and cfg.get("fit_bias"):
         raise KDError("give bias_shift or fit_bias, not both")
     if str(cfg.get("device", "cpu")).startswith("cuda"):

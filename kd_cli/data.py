@@ -6,6 +6,7 @@ prepare.py (like elastic_of); a train() argument and its line in the step; passi
 stages._fit_and_finish, stages.train_specialists and specialists.train_specialist; stages.distill's
 per_batch (cached teacher targets are for unaugmented images); run.RESUMES_ACROSS, so that runs
 recorded before the key resume with it off."""
+import hashlib
 import math
 import os
 import struct
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import sha256_of
 from .errors import KDError
 
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -36,6 +38,15 @@ def read_idx(path):
         raise KDError(f"{path} is not a whole IDX file of unsigned bytes (truncated or another format); "
                       "delete it to download it again, or fix KD_DATA_ROOT")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=head).view(*dims)
+
+
+def data_sha256(root, name="mnist"):
+    """One sha256 of the data set's four files (of their sha256s, in turn), or None while any is
+    missing (the run downloads them, or says where they belong): what a run records it trained on."""
+    raw = Path(os.path.expanduser(str(root))) / DATASETS.get(name, name) / "raw"
+    if not all((raw / f).is_file() for f in MNIST_FILES):
+        return None
+    return hashlib.sha256("".join(sha256_of(raw / f) for f in MNIST_FILES).encode()).hexdigest()
 
 
 def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import config, run
+from . import config, provenance, run
 from .errors import KDError
 
 CONFIG_MODULE = "kd_cli.conf"
@@ -95,9 +95,11 @@ def check_search(stage, cfg, multirun, check_value):
         check_value(key, values)
 
 
-def check_search_continuation(stage, cfg, task):
+def check_search_continuation(stage, cfg, task, compose_trial):
     """A search launched into a folder that holds one continues it, so it must be the same search:
-    the same typed overrides, space and sampler (only hydra.sweeper.n_trials may grow)."""
+    the same typed overrides, space and sampler (only hydra.sweeper.n_trials may grow), and each
+    trial it ran must continue as it ran (run.check_job_continues: its config, code, data,
+    teachers): a changed config file would otherwise make the study mix two objectives."""
     record = Path(cfg.hydra.sweep.dir) / "multirun.yaml"
     if not record.is_file():
         return
@@ -114,10 +116,30 @@ def check_search_continuation(stage, cfg, task):
         raise KDError(f"{record.parent} holds another sweep or search ({', '.join(changed)} differ); continue it "
                       f"with kd {stage} resume={record.parent} (hydra.sweeper.n_trials=N may be added), or choose "
                       "a new hydra.sweep.dir")
+    again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
+    for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
+        run.check_job_continues(trial, compose_trial(run.job_overrides(trial)), to_start=True, again=again)
 
 
 def _is_hydra_key(override):
     return override.lstrip("+~").startswith("hydra")
+
+
+# data and training keys the evaluate config composes (it shares conf/data) but does not read
+NOT_READ_BY_EVALUATE = ("precision", "data.jitter", "data.elastic", "data.transfer")
+
+
+def _check_read_by_evaluate(args, cfg):
+    """kd evaluate counts a checkpoint's test errors: a training knob typed for it (data.jitter,
+    precision) changes nothing, and data.val_size counts only with fit_bias (the split the shift is
+    fitted on); typed anyway, the user would take the numbers for what they asked."""
+    for key in (o.split("=", 1)[0].lstrip("+~") for o in args if "=" in o and not _is_hydra_key(o)):
+        if key.startswith(NOT_READ_BY_EVALUATE):
+            raise KDError(f"kd evaluate does not read {key}: it counts the checkpoint's test errors as it was "
+                          "trained; drop it")
+        if key in ("data.val_size", "data.train_limit") and not cfg.fit_bias:
+            raise KDError(f"kd evaluate reads {key} only with fit_bias (the split a bias shift is fitted on); "
+                          "it counts test errors, on the whole test set: drop it, or give fit_bias=[...]")
 
 
 def check_overrides(stage, config_name, overrides):
@@ -134,6 +156,8 @@ def check_overrides(stage, config_name, overrides):
             single, sweeps = _first_values(args)
             cfg = compose(config_name, overrides=single, return_hydra_config=True)
             config.check(stage, cfg)
+            if stage == "evaluate":
+                _check_read_by_evaluate(args, cfg)
 
             def check_values(key, values):
                 if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
@@ -156,17 +180,20 @@ def check_overrides(stage, config_name, overrides):
                               "'T=tag(log, interval(2.0, 20.0))'")
             if run.is_search(cfg.hydra):
                 check_search(stage, cfg, multirun, check_values)
-                check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)])
+                check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)],
+                                          lambda trial: compose(config_name, overrides=trial))
             if multirun:
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                     jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
                     run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
-                                                 lambda job: OmegaConf.to_container(compose(config_name, overrides=job)))
+                                                 lambda job: compose(config_name, overrides=job))
             else:
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):
-                    run.check_resume_config(cfg.resume, OmegaConf.to_container(compose(config_name, overrides=single)))
+                    composed = compose(config_name, overrides=single)
+                    run.check_resume_config(cfg.resume, OmegaConf.to_container(composed))
+                    provenance.check_resume(cfg.resume, composed)
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
     except KDError:

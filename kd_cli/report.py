@@ -142,16 +142,23 @@ def read_job(job, launched_with=None):
         return _row(job, overrides, "done", metrics=m)
     error = _last_error(job)
     status = "failed" if error else "stopped" if (job / STATE).exists() else "unfinished"
-    return _row(job, overrides, status, error or ("resume with resume=<job>" if status == "stopped" else ""))
+    # a sweep's job continues with its sweep (resumed alone, it would record resume= as its own)
+    again = f"continue with resume={job.parent}" if (job.parent / "multirun.yaml").is_file() else f"resume with resume={job}"
+    return _row(job, overrides, status, error or (again if status == "stopped" else ""))
+
+
+def _how_it_ran(key):
+    """Hydra's own keys, and resume= (how a stopped job went on, not what it trained with)."""
+    return key.startswith("hydra") or key == "resume"
 
 
 def swept_keys(rows):
     """Keys whose values differ between jobs (the axes: typed or from a config group); and the
     typed overrides that every job shares."""
-    keys = sorted({k for r in rows for k in r["values"] if not k.startswith("hydra")})
+    keys = sorted({k for r in rows for k in r["values"] if not _how_it_ran(k)})
     same = lambda v: v if _number(v) is None else _number(v)  # noqa: E731  (T=20 is T=20.0)
     swept = [k for k in keys if len({same(r["values"][k]) for r in rows if k in r["values"]}) > 1]
-    typed = sorted({k for r in rows for k in r["overrides"] if not k.startswith("hydra")})
+    typed = sorted({k for r in rows for k in r["overrides"] if not _how_it_ran(k)})
     fixed = {k: rows[0]["overrides"].get(k) for k in typed if k not in swept}
     return swept, fixed
 

@@ -179,26 +179,55 @@ def _first_difference(now, then, prefix="", allowed=None):
 
 def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
     """A sweep launched into a folder that exists continues it. Every job that already has a
-    folder must have been launched with the same overrides and config it would run with now;
-    otherwise the sweep is refused by that job's name, before anything is written."""
+    folder must have been launched with the same overrides it would be launched with now, and
+    continue as it ran (check_job_continues); otherwise the sweep is refused by that job's name,
+    before anything is written."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return
-    for num, job in enumerate(jobs):
-        folder = next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
+    folders = [next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
+               for num in range(len(jobs))]
+    # jobs that start afresh settle precision=auto here, and must settle it as the others did
+    to_start = any(f is None or state_of(f) not in ("finished", "stopped") for f in folders)
+    again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), or choose a " \
+            "new hydra.sweep.dir"
+    for num, (job, folder) in enumerate(zip(jobs, folders)):
         if folder is None:
             continue  # never started: it runs
-        overrides, config = recorded_config(folder)
-        again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), " \
-                "or choose a new hydra.sweep.dir"
+        overrides = job_overrides(folder)
         if overrides != job:
             raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
                           f"job {num} with [{' '.join(job)}]; {again}")
-        differs = _first_difference(compose_job(job), config, allowed=SWEEP_CONTINUES_ACROSS)
-        if differs:
-            key, now, then = differs
-            raise KDError(f"sweep job {folder.name} ran with {key}={then!r}, and this sweep would run it with "
-                          f"{key}={now!r}; {again}")
+        check_job_continues(folder, compose_job(job), to_start, again)
+
+
+def job_overrides(folder):
+    """The overrides a sweep's job recorded, less resume= (a job resumed on its own records that
+    too: how it went on, not what it ran with)."""
+    return [o for o in recorded_config(folder)[0] if not o.startswith("resume=")]
+
+
+def check_job_continues(folder, composed, to_start, again):
+    """A job of a sweep or search continues only as it ran: with the config it recorded (a config
+    file may have changed since), and with the code, data, teachers and settled precision it ran
+    with (provenance.py); to_start: some job will start afresh, settling precision=auto here."""
+    from . import provenance
+
+    config = recorded_config(folder)[1]
+    differs = _first_difference({k: v for k, v in OmegaConf.to_container(composed).items() if k != "resume"},
+                                {k: v for k, v in config.items() if k != "resume"}, allowed=SWEEP_CONTINUES_ACROSS)
+    if differs:
+        key, now, then = differs
+        raise KDError(f"sweep job {Path(folder).name} ran with {key}={then!r}, and this sweep would run it with "
+                      f"{key}={now!r}; {again}")
+    provenance.check_sweep_job(folder, composed, precision_now=_auto_precision(composed.device)
+                               if to_start and "precision" in composed else None)
+
+
+def _auto_precision(device):
+    from .prepare import auto_precision, device_named
+
+    return auto_precision(device_named(device))
 
 
 def check_resume_config(run_dir, config_now):

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import run
+from . import provenance, run
 from .checkpoint import cpu_weights, load_checkpoint, resolve_pretrained, save_json, sha256_of
 from .config import COMBINE
 from .data import load_mnist, split_validation
@@ -27,11 +27,12 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     final errors, write checkpoint.pt and metrics.json."""
     train_x, _, test_x, test_y, val = data
     batch = int(cfg.eval_batch_size)
+    code_and_data = provenance.inputs(cfg)  # resume and a sweep's continuation check them
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter), elastic=elastic_of(cfg),
                    evaluate=errors_fn(test_x, test_y, val, batch), desc=stage,
                    state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher,
-                                                                  "precision": cfg.precision},
+                                                                  "precision": cfg.precision, **code_and_data},
                    started=started)
     counts = count_errors(predict_logits(model, test_x, batch), test_y)
     if val is not None:
@@ -44,7 +45,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
                "device": str(train_x.device), "precision": cfg.precision,
                # CPU threads change float rounding (matrix-multiply blocking), so a result repeats
                # bit for bit with the same seed, machine and threads (joblib jobs run with fewer)
-               "threads": torch.get_num_threads(), "arch": model.arch, **extra,
+               "threads": torch.get_num_threads(), "arch": model.arch, **extra, **code_and_data,
                "history": result["history"]}
     if result["wall_seconds_partial"]:  # resumed from a state that predates wall-time bookkeeping
         metrics["wall_seconds_partial"] = True
@@ -209,7 +210,11 @@ def train_specialists(cfg, out_dir):
     correct each dustbin for the oversampling, and combine by minimising the summed KLs."""
     started = time.perf_counter()
     run.start(out_dir)
-    path = resolve_teacher(cfg.generalist)[0]
+    paths = resolve_teacher(cfg.generalist)
+    if len(paths) > 1:  # a folder of several teachers: which one would be a guess
+        raise KDError(f"generalist={cfg.generalist} names {len(paths)} checkpoints ({paths[0]}, {paths[1]}, ...); "
+                      "the specialists start from one generalist: pass one checkpoint.pt")
+    path = paths[0]
     (train_x, train_y, test_x, test_y, _), transfer = data_of(cfg, device_of(cfg))
     generalist, info = load_teacher(path, train_x.device, train_x[0].numel(), 10, cfg.data.name)
     batch = int(cfg.eval_batch_size)
@@ -228,7 +233,8 @@ def train_specialists(cfg, out_dir):
                "train_images": int(train_x.shape[0]), "seed": int(cfg.seed), "device": str(train_x.device),
                "precision": cfg.precision, "threads": torch.get_num_threads(),
                "train_seconds": round(sum(r["train_seconds"] for r in records), 3),
-               "invocations": 1}  # specialists keep no resumable state: one invocation
+               "invocations": 1,  # specialists keep no resumable state: one invocation
+               **provenance.inputs(cfg)}
     run.finish(out_dir, started, "train-specialists", {
         "arch": generalist.arch, "state_dict": cpu_weights(generalist), "specialists": records,
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -12,7 +12,8 @@ beside ours, to <experiment>/table.md (printed too). Bias shifts are fitted on t
 the presets hold out (data.val_size=10000), never on the test set. --extra adds overrides to every
 run (e.g. "epochs=1 data.train_limit=12000" for a smoke run). A stopped or killed run of the script
 continues with the same command plus --resume: finished runs are kept, the others continue with kd's
-own `resume=` (the config each run started with), and runs not begun yet start.
+own `resume=` (the config each run started with), and runs not begun yet start; a --teacher or
+--extra other than the call's that began them is refused (each experiment's call.json records it).
 """
 import argparse
 import json
@@ -21,13 +22,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from kd_cli.checkpoint import teacher_override
+from kd_cli.checkpoint import newest_checkpoint, teacher_override
 from kd_cli.cli import installed
 from kd_cli.report import rows_of
+from kd_cli.teachers import TEACHER_STAGE
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]
 WIDTHS = [800, 300, 30]
 RESUME = False  # --resume: continue the runs an earlier call left in --out (set by main)
+CALL = "call.json"  # in each experiment's folder: the teacher and --extra its runs were started with
 
 
 def run(cmd, folder):
@@ -44,6 +47,20 @@ def kd(stage, run_dir, *overrides):
     if not (RESUME and metrics.exists()):  # with --resume a finished run is kept as it is
         run(["kd", stage, *overrides, f"hydra.run.dir={run_dir}"], run_dir)
     return json.loads(metrics.read_text())
+
+
+def same_call(folder, call):
+    """Record the teacher and --extra an experiment's runs start with; with --resume, refuse to
+    keep or continue them under others (the table would mix runs of two calls)."""
+    record = folder / CALL
+    if RESUME and record.is_file():
+        then = json.loads(record.read_text())
+        if then != call:
+            raise SystemExit(f"transfer_experiments: error: {folder} was begun with {then}, and this call gives "
+                             f"{call}; continue it with the --teacher and --extra it was begun with, or give a new --out")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(call) + "\n")
 
 
 def best_on_validation(metrics):
@@ -152,9 +169,13 @@ def main():
     RESUME = args.resume
     out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     teacher = [f"teacher={teacher_override(args.teacher)}"] if args.teacher else []
+    if not teacher:  # kd's newest teacher, pinned now: runs begun after another teacher is trained use it too
+        newest = newest_checkpoint("outputs", TEACHER_STAGE)
+        teacher = [f"teacher={newest.resolve()}"] if newest is not None else []
     names = list(EXPERIMENTS) if "all" in args.experiments else args.experiments
     for name in names:
         started = time.time()
+        same_call(out / name, {"teacher": teacher, "extra": shlex.split(args.extra)})
         lines = EXPERIMENTS[name](out / name, shlex.split(args.extra), teacher)
         lines.append(f"Wall time of the whole experiment: {(time.time() - started) / 60:.1f} min.")
         text = "\n".join(lines)

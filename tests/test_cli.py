@@ -109,6 +109,9 @@ def bad_teachers(tmp_path):
     (["distill", "alpha=-0.1"], "alpha must be a number in [0, 1]"),
     (["distill", "-m", "T=2,0"], "T must be a number in [0.01, 1000]"),
     (["distill", "temprature=3"], "unknown key 'temprature'"),
+    (["train-student", "+lr_decay=0.5"], "unknown key 'lr_decay' for kd train-student (added with +: nothing reads it); did you mean optim.lr_decay?"),
+    (["train-student", "++optim.lr_dcay=0.5"], "unknown key 'optim.lr_dcay'"),
+    (["distill", "+data.elastic.scal=3"], "unknown key 'data.elastic.scal'"),
     (["train-teacher", "epochs=0"], "epochs must be an integer >= 1"),
     (["distill", "teacher=/no/such/file.pt"], "teacher checkpoint not found"),
     (["distill", "teacher={garbage}"], "is not a kd checkpoint"),
@@ -119,6 +122,9 @@ def bad_teachers(tmp_path):
     (["distill"], "run `kd train-teacher` first"),
     (["train-student", "data.root={empty}", "data.download=false"], "KD_DATA_ROOT"),
     (["evaluate"], "needs checkpoint="),
+    (["evaluate", "checkpoint=pretrained", "data.val_size=10000"], "reads data.val_size only with fit_bias"),
+    (["evaluate", "checkpoint=pretrained", "data.jitter=2"], "kd evaluate does not read data.jitter"),
+    (["evaluate", "checkpoint=pretrained", "precision=bf16"], "kd evaluate does not read precision"),
 ])
 def test_bad_input_is_one_line_and_no_checkpoint(kd, bad_teachers, tmp_path, args, says):
     (tmp_path / "empty").mkdir()

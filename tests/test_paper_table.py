@@ -325,6 +325,13 @@ def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_t
     monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--resume"])
     with pytest.raises(SystemExit, match="--resume needs the --out"):
         script.main()
+    # another --extra, or no --teacher (kd's newest, pinned), than the call that began it: refused
+    for flags in (["--teacher", str(tmp_path / "teacher" / "checkpoint.pt"), "--extra", "epochs=3"], []):
+        monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", *flags, "--out", str(stopped), "--resume"])
+        commands.clear()
+        with pytest.raises(SystemExit, match="was begun with .* and this call gives"):
+            script.main()
+        assert commands == []
 
 
 def test_scripts_run_the_kd_installed_beside_their_python_not_only_one_on_path(tmp_path, monkeypatch):

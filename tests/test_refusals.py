@@ -12,6 +12,8 @@ import torch
 
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
 
+from conftest import write_root
+
 SMALL = ["model.hidden=[16]", "batch_size=50"]
 
 
@@ -95,6 +97,35 @@ def test_an_interrupted_sweep_continues_with_one_command(kd):
     assert "3 jobs: 3 done" in kd("report", str(sweep)).stdout
 
 
+def test_a_sweep_job_resumed_on_its_own_stays_one_of_the_sweep(kd):
+    """The report says to continue a stopped job with its sweep; one resumed on its own instead
+    (resume=<job>) records resume= too, which neither splits its seed group in the report nor
+    keeps the sweep from being continued."""
+    sweep = kd.cwd / "sweep"
+    args = ["train-student", "-m", "seed=0,1,2", *SMALL, "epochs=2", f"hydra.sweep.dir={sweep}"]
+    proc = kd(*args, extra_env=stop_at(1, 2), check=False)  # job 0 stops in its second epoch
+    assert proc.returncode == 130, proc.stderr
+    job0 = next(sweep.glob("0_*"))
+    assert f"continue with resume={sweep}" in kd("report", str(sweep)).stdout
+    kd("train-student", f"resume={job0}")
+    assert "resume=" in (job0 / ".hydra" / "overrides.yaml").read_text()
+    kd("train-student", f"resume={sweep}")  # jobs 1 and 2
+    assert "3 jobs: 3 done" in kd("report", str(sweep)).stdout
+    # job 2's records as a run resumed on its own writes them (the continuation above rewrote job 0's)
+    job2 = next(sweep.glob("2_*"))
+    for name, line in (("overrides.yaml", f"- resume={job2}\n"), ("config.yaml", f"resume: {job2}\n")):
+        record = job2 / ".hydra" / name
+        record.write_text(record.read_text().replace("resume: null\n", "") + line)
+    from kd_cli.report import rows_of, seed_groups, swept_keys
+
+    rows = rows_of([sweep])
+    assert rows[2]["values"]["resume"] == str(job2)
+    swept, fixed = swept_keys(rows)
+    assert swept == ["seed"] and "resume" not in fixed
+    (group,) = seed_groups(rows, swept)
+    assert group["n"] == 3
+
+
 def test_a_sweep_without_teacher_keeps_the_teacher_that_was_newest_when_it_started(kd):
     """`teacher` unset means the newest teacher: found once, at launch, and recorded as teacher=, so
     a teacher trained while the sweep is stopped neither joins it nor goes unseen."""
@@ -152,6 +183,73 @@ def test_a_sweep_whose_records_changed_or_are_damaged_is_refused_as_it_was(kd):
     (sweep / "multirun.yaml").write_text("[unclosed")
     before = snapshot(sweep)
     refused(kd("train-student", f"resume={sweep}", check=False), "multirun.yaml is unreadable")
+    assert snapshot(sweep) == before
+
+
+# ---- what the config does not pin down: code, data files, teacher files, settled precision --------
+
+def test_a_stopped_run_resumes_only_with_the_code_and_data_files_it_started_with(kd, tmp_path):
+    """After a `git pull` or with KD_DATA_ROOT pointing elsewhere the same config trains something
+    else: the rest of the run would mix two versions in one result. A changed module is played by
+    the state's own record of the code it started with, which is what the check reads."""
+    run_dir = kd.cwd / "stopped"
+    args = ["train-student", *SMALL, "epochs=3"]
+    proc = kd(*args, f"hydra.run.dir={run_dir}", extra_env=stop_at(2, 3), check=False)
+    assert proc.returncode == 130, proc.stderr
+    state_path = run_dir / "state.pt"
+    original = state_path.read_bytes()
+    state = load_checkpoint(state_path)
+    assert set(state["code_sha256"]) >= {"losses.py", "train.py", "models.py"} and state["data_sha256"]
+    state["code_sha256"]["losses.py"] = "0" * 16
+    save_checkpoint(state_path, {k: v for k, v in state.items() if k != "format_version"})
+    before = snapshot(run_dir)
+    refused(kd("train-student", f"resume={run_dir}", check=False), "kd's code", "losses.py", "start a new run")
+    assert snapshot(run_dir) == before
+    state_path.write_bytes(original)
+    other = write_root(tmp_path / "other-data", seed=1)  # the same file names and sizes, other images
+    before = snapshot(run_dir)
+    refused(kd("train-student", f"resume={run_dir}", extra_env={"KD_DATA_ROOT": str(other)}, check=False),
+            "the data files", str(other))
+    assert snapshot(run_dir) == before
+    kd("train-student", f"resume={run_dir}")  # the same code and data: it resumes
+    assert json.loads((run_dir / "metrics.json").read_text())["data_sha256"] == state["data_sha256"]
+
+
+def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jobs_ran_with(kd, monkeypatch):
+    """A teacher file overwritten between two launches of the same sweep, a module changed, or a
+    machine on which precision=auto settles otherwise: the jobs still to run would differ from the
+    ones kept, with nothing in the sweep's config to show it."""
+    for name, seed in (("t1", 0), ("t2", 1)):
+        kd("train-teacher", "model.hidden=[24]", "epochs=1", f"seed={seed}", f"hydra.run.dir={kd.cwd / name}")
+    teacher = kd.cwd / "teacher.pt"
+    teacher.write_bytes((kd.cwd / "t1" / "checkpoint.pt").read_bytes())
+    sweep = kd.cwd / "sweep"
+    args = ["distill", "-m", "T=2,4", *SMALL, "epochs=1", f"teacher={teacher}", f"hydra.sweep.dir={sweep}"]
+    kd(*args)
+    teacher.write_bytes((kd.cwd / "t2" / "checkpoint.pt").read_bytes())
+    before = snapshot(sweep)
+    refused(kd(*args, check=False), "sweep job 0_", "the teacher file", str(teacher), "choose a new hydra.sweep.dir")
+    assert snapshot(sweep) == before
+    teacher.write_bytes((kd.cwd / "t1" / "checkpoint.pt").read_bytes())
+    metrics = next(sweep.glob("1_*")) / "metrics.json"
+    text = metrics.read_text()
+    metrics.write_text(text.replace('"train.py": "', '"train.py": "0'))
+    before = snapshot(sweep)
+    refused(kd(*args, check=False), "sweep job 1_", "kd's code", "train.py")
+    assert snapshot(sweep) == before
+    metrics.write_text(text)
+    kept = snapshot(sweep)
+    kd(*args)  # as it ran: every job kept
+    assert snapshot(sweep) == kept
+    import shutil
+
+    import kd_cli.prepare
+
+    shutil.rmtree(next(sweep.glob("1_*")))  # job 1 to run again, here auto settling the other way
+    settled = json.loads(next(sweep.glob("0_*")).joinpath("metrics.json").read_text())["precision"]
+    monkeypatch.setattr(kd_cli.prepare, "native_bf16", lambda device: settled == "fp32")
+    before = snapshot(sweep)
+    refused(kd(*args, check=False), "sweep job 0_", f"auto settled to {settled} there")
     assert snapshot(sweep) == before
 
 

@@ -53,6 +53,21 @@ def test_a_stopped_search_continues_with_the_same_command_as_if_never_stopped(kd
     assert (broken / "optuna.db").read_bytes() == study_file  # another space never joins the study
 
 
+def test_a_search_whose_config_changed_since_its_trials_ran_is_refused_not_mixed(kd, tmp_path):
+    """More trials after a recipe file changed would optimise another objective in the same study.
+    The changed file is played by the trial's own record of what it ran with, which the check reads."""
+    sweep = tmp_path / "search"
+    one = [*SEARCH[:-3], "hydra.sweeper.n_trials=1", *SEARCH[-2:], f"hydra.sweep.dir={sweep}"]
+    kd(*one)
+    record = trial_folder(sweep, 0) / ".hydra" / "config.yaml"
+    record.write_text(record.read_text().replace("dropout_input: 0.0", "dropout_input: 0.2"))
+    study_file = (sweep / "optuna.db").read_bytes()
+    more = [o.replace("n_trials=1", "n_trials=2") for o in one]
+    proc = kd(*more, check=False)
+    assert proc.returncode == 2 and "sweep job 0_" in proc.stderr and "model.dropout_input=0.2" in proc.stderr, proc.stderr
+    assert (sweep / "optuna.db").read_bytes() == study_file and len(list(sweep.glob("[0-9]*_*"))) == 1
+
+
 def test_the_objective_is_validation_errors_and_a_failed_trial_is_recorded(kd, tmp_path):
     sweep = tmp_path / "search"
     # one epoch: errors still well above 0, so validation (100 images) and test (200) counts differ

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kd_cli import stages
+from kd_cli import specialists as sp, stages
 from kd_cli.checkpoint import load_checkpoint
 from kd_cli.models import MLP
 from kd_cli.train import Recipe
@@ -164,3 +164,72 @@ def test_train_specialists_end_to_end(kd, monkeypatch):
         proc = kd(*args, check=False)
         assert proc.returncode == 2 and "generalist with specialists" in proc.stderr
         assert str(kd.cwd / "g" / "checkpoint.pt") in proc.stderr
+
+
+def test_a_folder_of_several_teachers_as_generalist_is_refused_not_cut_to_its_first(kd):
+    sweep = kd.cwd / "teachers"
+    kd("train-teacher", "-m", "seed=0,1", "model.hidden=[16]", "epochs=1", f"hydra.sweep.dir={sweep}")
+    proc = kd("train-specialists", f"generalist={sweep}", "epochs=1", f"hydra.run.dir={kd.cwd / 's'}", check=False)
+    assert proc.returncode == 2 and "names 2 checkpoints" in proc.stderr and "pass one checkpoint.pt" in proc.stderr
+    assert not (kd.cwd / "s" / "metrics.json").exists()
+
+
+# specialist m's KL term counts where m itself is active, by hand
+def test_each_specialist_counts_only_where_it_itself_is_active():
+    p_g, q = [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]
+    p_a, p_b = [0.5, 0.3, 0.2], [0.6, 0.3, 0.1]  # over (0, 1, dustbin), (2, 3, dustbin)
+
+    def kl(p, r):
+        return sum(a * math.log(a / b) for a, b in zip(p, r))
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    got = sp.kl_objective(t(q).log(), t(p_g), [t(p_a), t(p_b)], [[0, 1], [2, 3]], torch.tensor([[False, True]]))
+    want = kl(p_g, q) + kl(p_b, [q[2], q[3], q[0] + q[1]])
+    assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+class Fixed(torch.nn.Module):
+    """A "model" whose logits are given: predict_logits hands back exactly these."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+# the specialists' per-case distributions reach the combination, and the errors where one is active, by hand
+def test_evaluate_combination_by_hand(monkeypatch):
+    gen = Fixed(torch.tensor([[2.0, 1, 0, 0], [1, 2, 0, 0], [0, 1, 2, 0], [0, 1, 0, 2]]))
+    spec_logits = torch.tensor([[-5.0, 5, -5], [-5, 5, -5], [-4, 4, -4], [-3, 3, -3]])
+    spec = Fixed(spec_logits)
+    seen, real = [], sp.combine
+    monkeypatch.setattr(sp, "combine", lambda p_g, p_m, *a: (seen.append(p_m), real(p_g, p_m, *a))[1])
+    y = torch.tensor([1, 1, 0, 3])
+    # top-1 classes 0, 1, 2, 3: the [0, 1] specialist is active on cases 0 and 1 only
+    m = sp.evaluate_combination(gen, [spec], [[0, 1]], 1, torch.zeros(4, 1), y, 100)
+    e = spec_logits.exp()
+    torch.testing.assert_close(seen[0][0], e / e.sum(1, keepdim=True))  # per case, over its 3 outputs
+    assert m["cases_with_active_specialists"] == 2
+    assert m["generalist_test_errors"] == 2 and m["test_errors"] == 1  # case 0 is set right
+    assert m["errors_where_active"] == {"generalist": 1, "combined": 0}
+
+
+# the dustbin correction when the other classes have fewer images than the subset (all are taken)
+def test_the_shift_restores_the_odds_when_all_the_others_are_taken():
+    y = torch.tensor([0] * 60 + [1] * 60 + [2] * 30)
+    x = torch.arange(150.).view(150, 1, 1)
+    _, ys, shift = sp.specialist_data(x, y, [0, 1], seed=0)
+    assert ys.numel() == 150 and shift == 0.0  # the mix is the data set: nothing to undo
+    logits = (torch.bincount(ys, minlength=3).float() / ys.numel()).log()
+    logits[2] += shift
+    torch.testing.assert_close(torch.softmax(logits, 0)[2], torch.tensor(30 / 150))
+
+
+# the dustbin's starting bias is the others' mean bias plus log(how many), by hand
+def test_the_dustbin_bias_is_the_mean_of_the_others_plus_log_their_count():
+    torch.manual_seed(0)
+    out = torch.nn.Linear(8, 5)
+    with torch.no_grad():
+        out.bias[:] = torch.tensor([0.0, 1.0, 2.0, 4.0, 9.0])
+    _, bias = sp.specialist_head(out, [0, 1])
+    assert float(bias[-1]) == pytest.approx((2 + 4 + 9) / 3 + math.log(3), rel=1e-6)

@@ -1,0 +1,102 @@
+"""What a run's numbers depend on besides its config: kd's own code, the contents of the data
+files, each teacher's file and what precision=auto settled to. The config alone does not pin them
+down: the same command trains something else after a `git pull`, with KD_DATA_ROOT pointing
+elsewhere, after a teacher file was overwritten, or on a machine without native bfloat16. A run
+records them (state.pt, metrics.json); a stopped run resumes, and a sweep continues, only while
+they are what they were, so that no run and no sweep mixes two versions of them."""
+import hashlib
+import json
+from pathlib import Path
+
+from .checkpoint import load_checkpoint, sha256_of
+from .data import data_sha256
+from .errors import KDError
+
+# modules that cannot change what a run computes: the command line and its checks, run folders
+# and signals, reports and plots. Every other kd_cli module counts, and so does a new one.
+NOT_COMPUTING = {"__init__.py", "cli.py", "config.py", "errors.py", "preflight.py", "run.py", "stopping.py",
+                 "checkpoint.py", "report.py", "plots.py", "sweep_end.py", "search.py"}
+
+
+def code_sha256():
+    """{module: the first 16 hex digits of its sha256} of every kd_cli module that computes."""
+    here = Path(__file__).parent
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            for p in sorted(here.glob("*.py")) if p.name not in NOT_COMPUTING}
+
+
+def inputs(cfg):
+    """What a run records of its code and data (state.pt's and metrics.json's keys)."""
+    return {"code_sha256": code_sha256(), "data_sha256": data_sha256(cfg.data.root, cfg.data.name)}
+
+
+def recorded(folder):
+    """What a run folder recorded: metrics.json once finished, else its state.pt ({} if neither)."""
+    folder = Path(folder)
+    if (folder / "metrics.json").is_file():
+        try:
+            return json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    if (folder / "state.pt").is_file():
+        return load_checkpoint(folder / "state.pt")
+    return {}
+
+
+def _teachers(entry):
+    """[(path, sha256)] of a recorded teacher entry (one dict, or a list for an ensemble)."""
+    items = entry if isinstance(entry, list) else [entry]
+    return [(str(t["path"]), t["sha256"]) for t in items if isinstance(t, dict) and "sha256" in t]
+
+
+def differences(then, cfg, teachers=False, precision_now=None):
+    """What differs between a run's record `then` and what its config `cfg` gives here now, as
+    phrases (none for what the record predates). teachers: compare the teacher files cfg names now
+    (a sweep's jobs still to start take them; a resumed run keeps its own, stages.distill).
+    precision_now: what precision=auto settles to here, when runs still to start would settle it."""
+    found = []
+    code = then.get("code_sha256")
+    if code is not None:
+        now = code_sha256()
+        changed = sorted(m for m in set(code) | set(now) if code.get(m) != now.get(m))
+        if changed:
+            found.append(f"kd's code ({', '.join(changed)} changed since)")
+    data = then.get("data_sha256")
+    if data is not None and data != data_sha256(cfg.data.root, cfg.data.name):
+        found.append(f"the data files (the {cfg.data.name} files under data.root={cfg.data.root} are not the ones "
+                     "it trained on: KD_DATA_ROOT points elsewhere, or they changed)")
+    for key in ("teacher", "generalist") if teachers else ():
+        recorded_teachers = _teachers(then.get(key))
+        if recorded_teachers and cfg.get(key) is not None:
+            from .teachers import resolve_teacher
+
+            try:
+                paths = resolve_teacher(cfg[key])
+            except KDError:
+                paths = []
+            now = [(str(p.resolve()), sha256_of(p)) for p in paths]
+            if now != recorded_teachers:
+                gone = [p for p, sha in recorded_teachers if (p, sha) not in now]
+                found.append(f"the {key} file ({', '.join(gone) or 'its list'} changed, or {key}= names other files now)")
+    if precision_now is not None and cfg.get("precision") == "auto" and then.get("precision") not in (None, precision_now):
+        found.append(f"the precision (auto settled to {then['precision']} there and to {precision_now} here)")
+    return found
+
+
+def check_resume(run_dir, cfg):
+    """A stopped run resumes only with the code and data it started with."""
+    found = differences(recorded(run_dir), cfg)
+    if found:
+        raise KDError(f"{run_dir} cannot resume with what it started with: {'; '.join(found)}; the rest of the run "
+                      "would train with them and mix two versions in one result: restore what changed (the kd "
+                      "version it started with, KD_DATA_ROOT), or start a new run (nothing was changed)")
+
+
+def check_sweep_job(folder, cfg, precision_now=None):
+    """A sweep continues only while each job it ran would run with the code, data, teachers and
+    settled precision it ran with."""
+    found = differences(recorded(folder), cfg, teachers=True, precision_now=precision_now)
+    if found:
+        raise KDError(f"sweep job {Path(folder).name} ran with other inputs than this sweep would now: "
+                      f"{'; '.join(found)}; continuing would mix two versions in one sweep: restore what "
+                      "changed, or choose a new hydra.sweep.dir (nothing was changed)")
