@@ -96,3 +96,10 @@ def test_hidden_dropout_acts_after_every_hidden_layer_at_its_own_rate(p_in, p_hi
         kept = seen[name] != 0
         assert abs(1 - kept.float().mean().item() - p_hidden) < 0.03, name
         assert torch.allclose(seen[name][kept], torch.tensor(1 / (1 - p_hidden))), name
+
+
+# a checkpoint's arch rebuilds the same model, each dropout rate in its place (specialists are built so)
+def test_build_mlp_keeps_each_dropout_rate_in_its_place():
+    arch = MLP(hidden=[8], dropout_input=0.2, dropout_hidden=0.5).arch
+    clone = build_mlp(arch)
+    assert clone.arch == arch and clone.drop_in.p == 0.2 and clone.drop_hidden.p == 0.5

@@ -6,13 +6,13 @@ import json
 import shutil
 import threading
 import time
-
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY
+import kd_cli
 from kd_cli import teacher_cache
 from kd_cli.checkpoint import load_checkpoint
 
@@ -225,3 +225,27 @@ def test_runs_side_by_side_take_turns_the_second_reuses_what_the_first_computed(
     assert "waiting for another run" in waited
     logits_read, _, reused = result["second"]
     assert reused is True and torch.equal(logits_read, logits)
+
+
+# an edit to any module whose code computes the logits renames the file (what happens, not the list)
+@pytest.mark.parametrize("module", ["models.py", "data.py", "teachers.py"])
+def test_the_file_name_changes_with_the_code_that_computes_the_logits(tmp_path, monkeypatch, module):
+    pkg = tmp_path / "kd_cli"
+    shutil.copytree(Path(kd_cli.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(teacher_cache, "__file__", str(pkg / "teacher_cache.py"))
+    x = torch.rand(5, 28, 28)
+    before = teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100))
+    with open(pkg / module, "a") as f:
+        f.write("\n# an edit\n")
+    assert teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100)) != before
+
+
+# every variable that steers the math libraries' kernels renames the file (written out, not read from the module)
+@pytest.mark.parametrize("var", ["ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                 "MKL_CBWR", "MKL_DEBUG_CPU_TYPE"])
+def test_the_file_name_changes_with_each_kernel_variable(tmp_path, monkeypatch, var):
+    monkeypatch.delenv(var, raising=False)
+    x = torch.rand(5, 28, 28)
+    before = teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100))
+    monkeypatch.setenv(var, "AVX2")
+    assert teacher_cache.file_for(tmp_path, teacher_cache.identity("a" * 64, x, 1, 100)) != before

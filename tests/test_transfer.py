@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 from kd_cli import stages
@@ -288,3 +289,19 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
     little = script.little_data(tmp_path, [], [])
     assert all(line.endswith("| 60 | 90 (epoch 2) |") for line in little if line.startswith("| hard") or
                line.startswith("| soft"))
+
+
+# one shift fitted for several classes (the paper's 7s and 8s) goes on each of them
+def test_a_fitted_shift_is_added_to_every_class_it_was_fitted_for():
+    g = torch.Generator().manual_seed(0)
+    val_y, test_y = torch.randint(0, 10, (500,), generator=g), torch.randint(0, 10, (300,), generator=g)
+    val = F.one_hot(val_y, 10).float() + 0.2 * torch.rand(500, 10, generator=g)
+    val[:, [7, 8]] -= 4  # both classes sit 4 too low: any shift in about (3.2, 4.8) makes no errors
+    test = torch.randn(300, 10, generator=g)
+    shifted, record = bias_correction(test, test_y, fit_classes=[8, 7], val_logits=val, val_y=val_y)
+    assert set(record["shift"]) == {"7", "8"} and record["shift"]["7"] == record["shift"]["8"]
+    assert 3.7 < record["shift"]["7"] < 4.3 and record["val_errors_after"] == 0
+    expected = test.clone()
+    expected[:, [7, 8]] += record["shift"]["7"]
+    torch.testing.assert_close(shifted, expected)
+    assert record["after"]["on_shifted_classes"]["images"] == int(((test_y == 7) | (test_y == 8)).sum())
