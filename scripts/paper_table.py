@@ -32,15 +32,22 @@ from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_overr
 from kd_cli.cli import installed, threads_per_job
 from kd_cli.errors import KDError
 from kd_cli.report import read_job, rows_of, seed_groups
-from kd_cli.run import state_of
+from kd_cli.preflight import quote_paths
+from kd_cli.run import recorded_config, state_of
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
 
 
 def teacher_run(folder, overrides):
     """(command, log) for the table's own teacher: a new run into folder, or resume= of the one a
-    stopped table left there; None once it has finished."""
+    stopped table left there; None once it has finished. One begun with other overrides is refused."""
     state = state_of(folder)
+    if state in ("finished", "stopped"):  # kept or continued only as it was begun
+        then = [o for o in recorded_config(folder)[0] if not o.startswith("resume=")]
+        if then != quote_paths(overrides):
+            raise SystemExit(f"paper_table: error: {folder} holds a teacher begun with [{' '.join(then)}], and "
+                             f"this call asks for [{' '.join(overrides)}]; give the --teacher-seed, --extra and "
+                             "--teacher-extra it was begun with, or a new --out")
     if state == "finished":
         return None
     cmd = ["kd", "train-teacher", f"resume={folder}"] if state == "stopped" else \

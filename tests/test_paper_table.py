@@ -162,6 +162,12 @@ def test_paper_table_continues_its_own_stopped_teacher_and_keeps_it_once_finishe
         script.main()
     assert [c[1] for c in commands] == ["distill", "distill", "train-student"]
     assert (out / "teacher" / "metrics.json").read_bytes() == finished
+    commands.clear()  # a teacher begun otherwise is neither kept nor continued into this table
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--extra", " ".join(tiny),
+                                      "--teacher-seed", "1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds a teacher begun with .*seed=0.* this call asks for .*seed=1"):
+        script.main()
+    assert commands == [] and (out / "teacher" / "metrics.json").read_bytes() == finished
 
 
 def test_paper_table_means_and_gap_closed_by_hand(tmp_path, monkeypatch):
