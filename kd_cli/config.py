@@ -190,7 +190,8 @@ def check(stage, cfg):
         if not ok(value):
             hint = f" ({EXAMPLES[key]})" if key in EXAMPLES else ""
             raise KDError(f"{key} must be {need}{hint}, got {value!r}")
-    unknown = next(unknown_keys(OmegaConf.to_container(cfg)), None)
+    # a resumed run continues with its own record, keys added with + before kd refused them included
+    unknown = None if cfg.get("resume") else next(unknown_keys(OmegaConf.to_container(cfg)), None)
     if unknown is not None:
         raise KDError(f"unknown key '{unknown}' for kd {stage} (added with +: nothing reads it){_closest(unknown)}; "
                       f"`kd {stage} --cfg job` lists the keys")

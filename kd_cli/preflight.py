@@ -117,8 +117,9 @@ def check_search_continuation(stage, cfg, task, compose_trial):
                       f"with kd {stage} resume={record.parent} (hydra.sweeper.n_trials=N may be added), or choose "
                       "a new hydra.sweep.dir")
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
+    local = str(cfg.hydra.launcher._target_).rsplit(".", 1)[-1] in run.LOCAL_LAUNCHERS
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
-        run.check_job_continues(trial, compose_trial(run.job_overrides(trial)), to_start=True, again=again)
+        run.check_job_continues(trial, compose_trial(run.job_overrides(trial)), settles_here=local, again=again)
 
 
 def _is_hydra_key(override):
@@ -187,7 +188,8 @@ def check_overrides(stage, config_name, overrides):
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                     jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
                     run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
-                                                 lambda job: compose(config_name, overrides=job))
+                                                 lambda job: compose(config_name, overrides=job),
+                                                 launcher=str(cfg.hydra.launcher._target_))
             else:
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):

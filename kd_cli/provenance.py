@@ -9,13 +9,14 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_checkpoint, sha256_of
-from .data import data_sha256
+from .data import DATASETS, MNIST_FILES, data_sha256
 from .errors import KDError
 
 # modules that cannot change what a run computes: the command line and its checks, run folders
 # and signals, reports and plots. Every other kd_cli module counts, and so does a new one.
 NOT_COMPUTING = {"__init__.py", "cli.py", "config.py", "errors.py", "preflight.py", "run.py", "stopping.py",
-                 "checkpoint.py", "report.py", "plots.py", "sweep_end.py", "search.py"}
+                 "checkpoint.py", "provenance.py", "report.py", "plots.py", "sweep_end.py", "search.py"}
+_SEEN = {}  # (path, size, mtime) -> sha256: a sweep's jobs share their data and teacher files
 
 
 def code_sha256():
@@ -23,6 +24,31 @@ def code_sha256():
     here = Path(__file__).parent
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
             for p in sorted(here.glob("*.py")) if p.name not in NOT_COMPUTING}
+
+
+def _stat_key(paths):
+    try:
+        return tuple((str(p), st.st_size, st.st_mtime_ns) for p in paths for st in [Path(p).stat()])
+    except OSError:
+        return None
+
+
+def _data_sha256(root, name):
+    """data_sha256, once per unchanged set of files (a sweep's preflight asks for each job)."""
+    raw = Path(str(root)).expanduser() / DATASETS.get(name, name) / "raw"
+    key = _stat_key([raw / f for f in MNIST_FILES])
+    if key is None:
+        return None
+    if key not in _SEEN:
+        _SEEN[key] = data_sha256(root, name)
+    return _SEEN[key]
+
+
+def _file_sha256(path):
+    key = _stat_key([path])
+    if key not in _SEEN:
+        _SEEN[key] = sha256_of(path)
+    return _SEEN[key]
 
 
 def inputs(cfg):
@@ -33,14 +59,15 @@ def inputs(cfg):
 def recorded(folder):
     """What a run folder recorded: metrics.json once finished, else its state.pt ({} if neither)."""
     folder = Path(folder)
+    found = {}
     if (folder / "metrics.json").is_file():
         try:
-            return json.loads((folder / "metrics.json").read_text())
+            found = json.loads((folder / "metrics.json").read_text())
         except (OSError, ValueError):
-            return {}
-    if (folder / "state.pt").is_file():
-        return load_checkpoint(folder / "state.pt")
-    return {}
+            pass
+    elif (folder / "state.pt").is_file():
+        found = load_checkpoint(folder / "state.pt")
+    return found if isinstance(found, dict) else {}
 
 
 def _teachers(entry):
@@ -57,24 +84,29 @@ def differences(then, cfg, teachers=False, precision_now=None):
     found = []
     code = then.get("code_sha256")
     if code is not None:
-        now = code_sha256()
-        changed = sorted(m for m in set(code) | set(now) if code.get(m) != now.get(m))
+        now = code_sha256()  # a module gone since: its code moved into another (changed) or computes nothing
+        changed = sorted(m for m in now if code.get(m) != now[m])
         if changed:
             found.append(f"kd's code ({', '.join(changed)} changed since)")
     data = then.get("data_sha256")
-    if data is not None and data != data_sha256(cfg.data.root, cfg.data.name):
-        found.append(f"the data files (the {cfg.data.name} files under data.root={cfg.data.root} are not the ones "
-                     "it trained on: KD_DATA_ROOT points elsewhere, or they changed)")
+    if data is not None:
+        now = _data_sha256(cfg.data.root, cfg.data.name)
+        if now is None:
+            found.append(f"the data files (no {cfg.data.name} files under data.root={cfg.data.root}: set "
+                         "KD_DATA_ROOT to the folder it trained from)")
+        elif now != data:
+            found.append(f"the data files (the {cfg.data.name} files under data.root={cfg.data.root} are not the "
+                         "ones it trained on: KD_DATA_ROOT points elsewhere, or they changed)")
     for key in ("teacher", "generalist") if teachers else ():
         recorded_teachers = _teachers(then.get(key))
         if recorded_teachers and cfg.get(key) is not None:
             from .teachers import resolve_teacher
 
             try:
-                paths = resolve_teacher(cfg[key])
-            except KDError:
-                paths = []
-            now = [(str(p.resolve()), sha256_of(p)) for p in paths]
+                now = [(str(p.resolve()), _file_sha256(p)) for p in resolve_teacher(cfg[key])]
+            except KDError as e:
+                found.append(f"the {key} file ({e}; a relative {key}= is read from the folder kd runs in)")
+                continue
             if now != recorded_teachers:
                 gone = [p for p, sha in recorded_teachers if (p, sha) not in now]
                 found.append(f"the {key} file ({', '.join(gone) or 'its list'} changed, or {key}= names other files now)")

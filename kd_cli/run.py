@@ -177,7 +177,11 @@ def _first_difference(now, then, prefix="", allowed=None):
     return None
 
 
-def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
+# launchers whose jobs run on this machine, where preflight can tell what precision=auto settles to
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
+
+
+def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="BasicLauncher"):
     """A sweep launched into a folder that exists continues it. Every job that already has a
     folder must have been launched with the same overrides it would be launched with now, and
     continue as it ran (check_job_continues); otherwise the sweep is refused by that job's name,
@@ -187,8 +191,11 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
         return
     folders = [next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
                for num in range(len(jobs))]
-    # jobs that start afresh settle precision=auto here, and must settle it as the others did
+    # jobs that start afresh settle precision=auto where they run (here, for a local launcher), and
+    # must settle it as the others did; with nothing left to run, no job mixes with another
     to_start = any(f is None or state_of(f) not in ("finished", "stopped") for f in folders)
+    settles_here = to_start and launcher.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
+    to_run = any(f is None or state_of(f) != "finished" for f in folders)
     again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), or choose a " \
             "new hydra.sweep.dir"
     for num, (job, folder) in enumerate(zip(jobs, folders)):
@@ -198,7 +205,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job):
         if overrides != job:
             raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
                           f"job {num} with [{' '.join(job)}]; {again}")
-        check_job_continues(folder, compose_job(job), to_start, again)
+        check_job_continues(folder, compose_job(job), settles_here, again, inputs=to_run)
 
 
 def job_overrides(folder):
@@ -207,10 +214,11 @@ def job_overrides(folder):
     return [o for o in recorded_config(folder)[0] if not o.startswith("resume=")]
 
 
-def check_job_continues(folder, composed, to_start, again):
+def check_job_continues(folder, composed, settles_here, again, inputs=True):
     """A job of a sweep or search continues only as it ran: with the config it recorded (a config
-    file may have changed since), and with the code, data, teachers and settled precision it ran
-    with (provenance.py); to_start: some job will start afresh, settling precision=auto here."""
+    file may have changed since), and, where jobs are left to run (`inputs`), with the code, data,
+    teachers and settled precision it ran with (provenance.py); settles_here: some job will start
+    afresh on this machine, settling precision=auto here."""
     from . import provenance
 
     config = recorded_config(folder)[1]
@@ -220,8 +228,9 @@ def check_job_continues(folder, composed, to_start, again):
         key, now, then = differs
         raise KDError(f"sweep job {Path(folder).name} ran with {key}={then!r}, and this sweep would run it with "
                       f"{key}={now!r}; {again}")
-    provenance.check_sweep_job(folder, composed, precision_now=_auto_precision(composed.device)
-                               if to_start and "precision" in composed else None)
+    if inputs:
+        provenance.check_sweep_job(folder, composed, precision_now=_auto_precision(composed.device)
+                                   if settles_here and "precision" in composed else None)
 
 
 def _auto_precision(device):

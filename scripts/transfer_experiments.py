@@ -50,10 +50,10 @@ def kd(stage, run_dir, *overrides):
 
 
 def same_call(folder, call):
-    """Record the teacher and --extra an experiment's runs start with; with --resume, refuse to
-    keep or continue them under others (the table would mix runs of two calls)."""
+    """Record the teacher and --extra an experiment's runs start with; refuse to keep, continue or
+    add to them under others (the table would mix runs of two calls)."""
     record = folder / CALL
-    if RESUME and record.is_file():
+    if record.is_file():  # with or without --resume: a refused call must not leave its own record
         then = json.loads(record.read_text())
         if then != call:
             raise SystemExit(f"transfer_experiments: error: {folder} was begun with {then}, and this call gives "

@@ -289,7 +289,8 @@ def test_transfer_script_names_the_shipped_teacher_and_resolves_paths(monkeypatc
     monkeypatch.setattr(script, "kd", first_run)
     monkeypatch.chdir(tmp_path)
     for given, expected in (("pretrained", "teacher=pretrained"), ("t/checkpoint.pt", f"teacher={tmp_path / 't' / 'checkpoint.pt'}")):
-        monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "only78", "--teacher", given, "--out", str(tmp_path / "o")])
+        monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "only78", "--teacher", given,
+                                          "--out", str(tmp_path / f"o{len(seen)}")])  # one call's runs a folder
         with pytest.raises(Stop):
             script.main()
         assert expected in seen[-1]
@@ -338,6 +339,13 @@ def test_transfer_script_resume_continues_a_stopped_sweep_to_the_uninterrupted_t
         with pytest.raises(SystemExit, match="was begun with .* and this call gives"):
             script.main()
         assert commands == []
+    # nor without --resume: a refused call leaves the record of the call that began the runs
+    record = (stopped / "width_vs_T" / "call.json").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--teacher",
+                                      str(tmp_path / "teacher" / "checkpoint.pt"), "--extra", "epochs=3", "--out", str(stopped)])
+    with pytest.raises(SystemExit, match="was begun with"):
+        script.main()
+    assert (stopped / "width_vs_T" / "call.json").read_bytes() == record and commands == []
 
 
 def test_scripts_run_the_kd_installed_beside_their_python_not_only_one_on_path(tmp_path, monkeypatch):

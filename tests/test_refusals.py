@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
+from kd_cli.errors import KDError
 
 from conftest import write_root
 
@@ -215,10 +216,15 @@ def test_a_stopped_run_resumes_only_with_the_code_and_data_files_it_started_with
     assert json.loads((run_dir / "metrics.json").read_text())["data_sha256"] == state["data_sha256"]
 
 
-def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jobs_ran_with(kd, monkeypatch):
+def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jobs_ran_with(kd, monkeypatch, tiny_root):
     """A teacher file overwritten between two launches of the same sweep, a module changed, or a
     machine on which precision=auto settles otherwise: the jobs still to run would differ from the
-    ones kept, with nothing in the sweep's config to show it."""
+    ones kept, with nothing in the sweep's config to show it. With no job left to run, nothing
+    mixes: the same command goes through. A changed module is played by a job's own record."""
+    import shutil
+
+    import kd_cli.prepare
+
     for name, seed in (("t1", 0), ("t2", 1)):
         kd("train-teacher", "model.hidden=[24]", "epochs=1", f"seed={seed}", f"hydra.run.dir={kd.cwd / name}")
     teacher = kd.cwd / "teacher.pt"
@@ -227,30 +233,59 @@ def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jo
     args = ["distill", "-m", "T=2,4", *SMALL, "epochs=1", f"teacher={teacher}", f"hydra.sweep.dir={sweep}"]
     kd(*args)
     teacher.write_bytes((kd.cwd / "t2" / "checkpoint.pt").read_bytes())
+    kept = snapshot(sweep)
+    kd(*args)  # every job finished: kept, nothing runs
+    assert snapshot(sweep) == kept
+    job1 = next(sweep.glob("1_*"))
+    shutil.move(job1, kd.cwd / "job1")  # job 1 left to run
     before = snapshot(sweep)
     refused(kd(*args, check=False), "sweep job 0_", "the teacher file", str(teacher), "choose a new hydra.sweep.dir")
     assert snapshot(sweep) == before
     teacher.write_bytes((kd.cwd / "t1" / "checkpoint.pt").read_bytes())
-    metrics = next(sweep.glob("1_*")) / "metrics.json"
+    metrics = next(sweep.glob("0_*")) / "metrics.json"
     text = metrics.read_text()
     metrics.write_text(text.replace('"train.py": "', '"train.py": "0'))
     before = snapshot(sweep)
-    refused(kd(*args, check=False), "sweep job 1_", "kd's code", "train.py")
+    refused(kd(*args, check=False), "sweep job 0_", "kd's code", "train.py")
     assert snapshot(sweep) == before
     metrics.write_text(text)
-    kept = snapshot(sweep)
-    kd(*args)  # as it ran: every job kept
-    assert snapshot(sweep) == kept
-    import shutil
-
-    import kd_cli.prepare
-
-    shutil.rmtree(next(sweep.glob("1_*")))  # job 1 to run again, here auto settling the other way
-    settled = json.loads(next(sweep.glob("0_*")).joinpath("metrics.json").read_text())["precision"]
-    monkeypatch.setattr(kd_cli.prepare, "native_bf16", lambda device: settled == "fp32")
+    settled = json.loads(metrics.read_text())["precision"]
+    other_machine = lambda device: settled == "fp32"  # noqa: E731  (auto settles the other way)
+    monkeypatch.setattr(kd_cli.prepare, "native_bf16", other_machine)
     before = snapshot(sweep)
     refused(kd(*args, check=False), "sweep job 0_", f"auto settled to {settled} there")
     assert snapshot(sweep) == before
+    # jobs a cluster launcher runs elsewhere settle precision there, not on the machine that launches
+    from hydra import compose, initialize_config_module
+
+    from kd_cli import run
+    from kd_cli.preflight import CONFIG_MODULE
+
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    jobs = run.sweep_jobs([a for a in args[2:] if not a.startswith("hydra.")])
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        def check(launcher):
+            run.check_sweep_continuation("distill", sweep, jobs, lambda job: compose("distill", overrides=job),
+                                         launcher=launcher)
+        check("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+        with pytest.raises(KDError, match="auto settled to"):
+            check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+    monkeypatch.undo()
+    kd(*args)  # as it ran: job 1 runs
+    assert len(list(sweep.glob("[0-9]_*/metrics.json"))) == 2
+
+
+def test_a_run_begun_with_a_key_added_with_plus_still_resumes(kd):
+    """Before kd refused keys added with +, a run could start with one (nothing read it); resumed, it
+    continues with its own record rather than being stranded."""
+    run_dir = kd.cwd / "stopped"
+    proc = kd("train-student", *SMALL, "epochs=3", f"hydra.run.dir={run_dir}", extra_env=stop_at(2, 3), check=False)
+    assert proc.returncode == 130, proc.stderr
+    for name, line in (("overrides.yaml", "- +foo=1\n"), ("config.yaml", "foo: 1\n")):
+        record = run_dir / ".hydra" / name
+        record.write_text(record.read_text() + line)
+    kd("train-student", f"resume={run_dir}")
+    assert (run_dir / "metrics.json").exists()
 
 
 # ---- values that make no sense are refused before any folder exists -----------------------------
