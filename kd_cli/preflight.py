@@ -117,7 +117,7 @@ def check_search_continuation(stage, cfg, task, compose_trial):
                       f"with kd {stage} resume={record.parent} (hydra.sweeper.n_trials=N may be added), or choose "
                       "a new hydra.sweep.dir")
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
-    local = str(cfg.hydra.launcher._target_).rsplit(".", 1)[-1] in run.LOCAL_LAUNCHERS
+    local = run.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
         run.check_job_continues(trial, compose_trial(run.job_overrides(trial)), settles_here=local, again=again)
 

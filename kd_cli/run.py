@@ -154,15 +154,17 @@ def sweep_overrides(stage, sweep_dir):
 
 
 # keys whose recorded value may differ from the one composed now without changing what the rest
-# of a stopped run trains: where teachers' logits are kept (no such key before 2026-12-04); the
+# of a stopped run trains: resume= itself (how a run goes on, not what it trains; a sweep's job
+# resumed on its own records it); where teachers' logits are kept (no such key before 2026-12-04); the
 # elastic distortion, off, where the run predates the key (2026-12-05); and precision=auto where
 # the run recorded fp32, the default before auto: a resumed run's precision is its state's
 # (prepare.device_of), fp32 for a state saved before auto. Not for a sweep's jobs not yet started,
 # which would then train in another precision than its earlier jobs.
-RESUMES_ACROSS = {"teacher_cache": lambda then, now: True,
+RESUMES_ACROSS = {"resume": lambda then, now: True,
+                  "teacher_cache": lambda then, now: True,
                   "data.elastic": lambda then, now: then == "<absent>" and isinstance(now, dict) and now.get("scale") == 0,
                   "precision": lambda then, now: then == "fp32" and now == "auto"}
-SWEEP_CONTINUES_ACROSS = {k: RESUMES_ACROSS[k] for k in ("teacher_cache", "data.elastic")}
+SWEEP_CONTINUES_ACROSS = {k: RESUMES_ACROSS[k] for k in ("resume", "teacher_cache", "data.elastic")}
 
 
 def _first_difference(now, then, prefix="", allowed=None):
@@ -181,6 +183,11 @@ def _first_difference(now, then, prefix="", allowed=None):
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher", "LocalLauncher")
 
 
+def launches_here(launcher):
+    """Whether the launcher (its _target_) runs its jobs on this machine."""
+    return str(launcher).rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
+
+
 def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="BasicLauncher"):
     """A sweep launched into a folder that exists continues it. Every job that already has a
     folder must have been launched with the same overrides it would be launched with now, and
@@ -194,7 +201,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     # jobs that start afresh settle precision=auto where they run (here, for a local launcher), and
     # must settle it as the others did; with nothing left to run, no job mixes with another
     to_start = any(f is None or state_of(f) not in ("finished", "stopped") for f in folders)
-    settles_here = to_start and launcher.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
+    settles_here = to_start and launches_here(launcher)
     to_run = any(f is None or state_of(f) != "finished" for f in folders)
     again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), or choose a " \
             "new hydra.sweep.dir"
@@ -222,8 +229,7 @@ def check_job_continues(folder, composed, settles_here, again, inputs=True):
     from . import provenance
 
     config = recorded_config(folder)[1]
-    differs = _first_difference({k: v for k, v in OmegaConf.to_container(composed).items() if k != "resume"},
-                                {k: v for k, v in config.items() if k != "resume"}, allowed=SWEEP_CONTINUES_ACROSS)
+    differs = _first_difference(OmegaConf.to_container(composed), config, allowed=SWEEP_CONTINUES_ACROSS)
     if differs:
         key, now, then = differs
         raise KDError(f"sweep job {Path(folder).name} ran with {key}={then!r}, and this sweep would run it with "
@@ -244,8 +250,7 @@ def check_resume_config(run_dir, config_now):
     another config once a config file (a recipe's epochs, lr, T) has changed since, and the rest of
     the run would silently train with it."""
     _, config = recorded_config(run_dir)
-    differs = _first_difference({k: v for k, v in config_now.items() if k != "resume"},
-                                {k: v for k, v in config.items() if k != "resume"}, allowed=RESUMES_ACROSS)
+    differs = _first_difference(config_now, config, allowed=RESUMES_ACROSS)
     if differs:
         key, now, then = differs
         raise KDError(f"{run_dir} started with {key}={then!r}, and its command now gives {key}={now!r} (a config "
