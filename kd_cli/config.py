@@ -197,6 +197,8 @@ def check(stage, cfg):
                       f"`kd {stage} --cfg job` lists the keys")
     if cfg.get("bias_shift") and cfg.get("fit_bias"):
         raise KDError("give bias_shift or fit_bias, not both")
+    if (cfg.get("bias_shift") or cfg.get("fit_bias")) and OmegaConf.is_list(cfg.get("checkpoint")) and len(cfg.checkpoint) > 1:
+        raise KDError("bias_shift and fit_bias take one checkpoint, not an ensemble")
     if str(cfg.get("device", "cpu")).startswith("cuda"):
         import torch
 

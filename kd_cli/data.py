@@ -40,13 +40,29 @@ def read_idx(path):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=head).view(*dims)
 
 
+def raw_files(root, name="mnist"):
+    """The data set's four files, in MNIST_FILES order, where torchvision keeps them:
+    <root>/<MNIST or FashionMNIST>/raw."""
+    raw = Path(os.path.expanduser(str(root))) / DATASETS.get(name, name) / "raw"
+    return [raw / f for f in MNIST_FILES]
+
+
+def check_present(root, name="mnist"):
+    """Refuse, saying where they belong, while any of the data set's files is missing."""
+    files = raw_files(root, name)
+    if not all(f.is_file() for f in files):
+        folder = DATASETS.get(name, name)
+        raise KDError(f"{folder} not found under {files[0].parent}; set KD_DATA_ROOT (or data.root=) to the folder "
+                      f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
+
+
 def data_sha256(root, name="mnist"):
     """One sha256 of the data set's four files (of their sha256s, in turn), or None while any is
     missing (the run downloads them, or says where they belong): what a run records it trained on."""
-    raw = Path(os.path.expanduser(str(root))) / DATASETS.get(name, name) / "raw"
-    if not all((raw / f).is_file() for f in MNIST_FILES):
+    files = raw_files(root, name)
+    if not all(f.is_file() for f in files):
         return None
-    return hashlib.sha256("".join(sha256_of(raw / f) for f in MNIST_FILES).encode()).hexdigest()
+    return hashlib.sha256("".join(sha256_of(f) for f in files).encode()).hexdigest()
 
 
 def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist"):
@@ -56,11 +72,10 @@ def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist
         raise KDError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
     folder = DATASETS[name]
     root = Path(os.path.expanduser(str(root)))
-    raw = root / folder / "raw"
-    if not all((raw / f).exists() for f in MNIST_FILES):
+    files = raw_files(root, name)
+    if not all(f.is_file() for f in files):
         if not download:
-            raise KDError(f"{folder} not found under {raw}; set KD_DATA_ROOT (or data.root=) to the folder "
-                          f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
+            check_present(root, name)
         import torchvision.datasets  # only to fetch the files: its import is slow
 
         try:
@@ -68,7 +83,7 @@ def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist
         except (RuntimeError, OSError) as e:
             raise KDError(f"could not download {folder} into {root} ({str(e).splitlines()[0]}); "
                           f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
-    train_images, train_labels, test_images, test_labels = (read_idx(raw / f) for f in MNIST_FILES)
+    train_images, train_labels, test_images, test_labels = (read_idx(f) for f in files)
     if train_limit is not None:
         train_images, train_labels = train_images[:train_limit], train_labels[:train_limit]
 

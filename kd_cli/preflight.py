@@ -6,7 +6,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import config, provenance, run
+from .data import check_present
 from .errors import KDError
+from .teachers import READS, check_readable
 
 CONFIG_MODULE = "kd_cli.conf"
 
@@ -183,13 +185,14 @@ def check_overrides(stage, config_name, overrides):
                 check_search(stage, cfg, multirun, check_values)
                 check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)],
                                           lambda trial: compose(config_name, overrides=trial))
+            jobs_left = True
             if multirun:
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                     jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
-                    run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
-                                                 lambda job: compose(config_name, overrides=job),
-                                                 launcher=str(cfg.hydra.launcher._target_))
+                    jobs_left = run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
+                                                             lambda job: compose(config_name, overrides=job),
+                                                             launcher=str(cfg.hydra.launcher._target_))
             else:
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):
@@ -198,6 +201,13 @@ def check_overrides(stage, config_name, overrides):
                     provenance.check_resume(cfg.resume, composed)
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
+            if jobs_left:  # what the runs will read (a finished sweep's files may have moved since)
+                if not cfg.data.download:
+                    check_present(cfg.data.root, cfg.data.name)
+                if stage in READS:
+                    key = READS[stage][0]
+                    for value in sweeps.get(key, [cfg[key]]):
+                        check_readable(stage, value, cfg.data.name)
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_checkpoint, sha256_of
-from .data import DATASETS, MNIST_FILES, data_sha256
+from .data import data_sha256, raw_files
 from .errors import KDError
 
 # modules that cannot change what a run computes: the command line and its checks, run folders
@@ -35,8 +35,7 @@ def _stat_key(paths):
 
 def _data_sha256(root, name):
     """data_sha256, once per unchanged set of files (a sweep's preflight asks for each job)."""
-    raw = Path(str(root)).expanduser() / DATASETS.get(name, name) / "raw"
-    key = _stat_key([raw / f for f in MNIST_FILES])
+    key = _stat_key(raw_files(root, name))
     if key is None:
         return None
     if key not in _SEEN:

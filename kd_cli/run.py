@@ -192,10 +192,10 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     """A sweep launched into a folder that exists continues it. Every job that already has a
     folder must have been launched with the same overrides it would be launched with now, and
     continue as it ran (check_job_continues); otherwise the sweep is refused by that job's name,
-    before anything is written."""
+    before anything is written. Returns whether any job is left to run."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        return
+        return True
     folders = [next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
                for num in range(len(jobs))]
     # jobs that start afresh settle precision=auto where they run (here, for a local launcher), and
@@ -213,6 +213,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
             raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
                           f"job {num} with [{' '.join(job)}]; {again}")
         check_job_continues(folder, compose_job(job), settles_here, again, inputs=to_run)
+    return to_run
 
 
 def job_overrides(folder):

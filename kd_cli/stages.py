@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import provenance, run
-from .checkpoint import cpu_weights, load_checkpoint, resolve_pretrained, save_json, sha256_of
+from .checkpoint import cpu_weights, load_checkpoint, save_json, sha256_of
 from .config import COMBINE
 from .data import load_mnist, split_validation
 from .errors import KDError
@@ -17,7 +17,8 @@ from .losses import distillation_loss, hard_label_loss, logit_matching_loss
 from .prepare import data_of, device_of, elastic_of, errors_fn, model_of, recipe_of
 from .specialists import covariance_clusters, evaluate_combination, train_specialist
 from .teacher_cache import logits_source
-from .teachers import SoftTargets, caches_shifts, combine_log_probs, load_model, load_teacher, resolve_teacher
+from .teachers import (SoftTargets, caches_shifts, combine_log_probs, load_model, load_teacher, resolve_checkpoints,
+                       resolve_generalist, resolve_teacher)
 from .train import Diverged, train
 
 
@@ -152,9 +153,7 @@ def _validation_for(cfg, ckpt, device):
 def evaluate(cfg, out_dir):
     """Test errors of a checkpoint, of an ensemble of them, or of one after a bias shift."""
     started = time.perf_counter()
-    paths = [resolve_pretrained(p) for p in (cfg.checkpoint if OmegaConf.is_list(cfg.checkpoint) else [cfg.checkpoint])]
-    if len(paths) > 1 and (cfg.bias_shift or cfg.fit_bias):
-        raise KDError("bias_shift and fit_bias take one checkpoint, not an ensemble")
+    paths = resolve_checkpoints(cfg.checkpoint)
     device = device_of(cfg)
     _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1, name=cfg.data.name)
     batch = int(cfg.eval_batch_size)
@@ -210,11 +209,7 @@ def train_specialists(cfg, out_dir):
     correct each dustbin for the oversampling, and combine by minimising the summed KLs."""
     started = time.perf_counter()
     run.start(out_dir)
-    paths = resolve_teacher(cfg.generalist)
-    if len(paths) > 1:  # a folder of several teachers: which one would be a guess
-        raise KDError(f"generalist={cfg.generalist} names {len(paths)} checkpoints ({paths[0]}, {paths[1]}, ...); "
-                      "the specialists start from one generalist: pass one checkpoint.pt")
-    path = paths[0]
+    path = resolve_generalist(cfg.generalist)
     (train_x, train_y, test_x, test_y, _), transfer = data_of(cfg, device_of(cfg))
     generalist, info = load_teacher(path, train_x.device, train_x[0].numel(), 10, cfg.data.name)
     batch = int(cfg.eval_batch_size)

@@ -15,36 +15,66 @@ from .models import build_mlp
 TEACHER_STAGE = "train-teacher"
 
 
-def resolve_teacher(teacher, outputs="outputs"):
+def resolve_teacher(teacher, outputs="outputs", key="teacher"):
     """The teachers' checkpoint paths (a list): the newest `kd train-teacher` wrote when none is
     given; a path (`pretrained`: the teacher shipped with kd); a list of paths (an ensemble); or a
     folder, meaning every checkpoint.pt in it and its job folders (a seed sweep of teachers:
-    teacher=outputs/train-teacher-sweep/<stamp>)."""
+    teacher=outputs/train-teacher-sweep/<stamp>). key: the option it came from, for the messages."""
     if teacher is None:
         path = newest_checkpoint(outputs, TEACHER_STAGE)
         if path is None:
             raise KDError(f"no teacher found under {Path(outputs).resolve()}/{TEACHER_STAGE}*; run "
-                          "`kd train-teacher` first, or pass teacher=<path to checkpoint.pt>")
+                          f"`kd train-teacher` first, or pass {key}=<path to checkpoint.pt>")
         return [path]
     items = list(teacher) if isinstance(teacher, (list, tuple)) or OmegaConf.is_list(teacher) else [teacher]
     paths = []
     for item in items:
         if not isinstance(item, (str, Path)):
-            raise KDError(f"teacher must be a checkpoint path or a list of them, got {teacher!r}")
+            raise KDError(f"{key} must be a checkpoint path or a list of them, got {teacher!r}")
         path = Path(resolve_pretrained(item)).expanduser()
         if path.is_dir():
             _check_whole_sweep(path)
             found = sorted([*path.glob("checkpoint.pt"), *path.glob("*/checkpoint.pt")])
             if not found:
-                raise KDError(f"no checkpoint.pt in the teacher folder {path} or its job folders")
+                raise KDError(f"no checkpoint.pt in the {key} folder {path} or its job folders")
             paths += found
         elif path.is_file():
             paths.append(path)
         else:
-            raise KDError(f"teacher checkpoint not found: {path}; pass teacher=<path to checkpoint.pt>")
+            raise KDError(f"{key} checkpoint not found: {path}; pass {key}=<path to checkpoint.pt>")
     if not paths:
-        raise KDError("teacher=[] names no checkpoint")
+        raise KDError(f"{key}=[] names no checkpoint")
     return paths
+
+
+def resolve_generalist(generalist, outputs="outputs"):
+    """The one checkpoint the specialists start from (resolve_teacher's rules): a folder of
+    several teachers is refused, since which of them would be a guess."""
+    paths = resolve_teacher(generalist, outputs, key="generalist")
+    if len(paths) > 1:
+        raise KDError(f"generalist={generalist} names {len(paths)} checkpoints ({paths[0]}, {paths[1]}, ...); "
+                      "the specialists start from one generalist: pass one checkpoint.pt")
+    return paths[0]
+
+
+def resolve_checkpoints(checkpoint):
+    """kd evaluate's checkpoint= (one path, `pretrained`, or a list: an ensemble) as paths."""
+    items = list(checkpoint) if isinstance(checkpoint, (list, tuple)) or OmegaConf.is_list(checkpoint) else [checkpoint]
+    return [Path(resolve_pretrained(p)) for p in items]
+
+
+# the key naming the checkpoints each stage reads, and how the stage resolves it to files
+READS = {"distill": ("teacher", resolve_teacher), "train-specialists": ("generalist", lambda v: [resolve_generalist(v)]),
+         "evaluate": ("checkpoint", resolve_checkpoints)}
+
+
+def check_readable(stage, value, data_name):
+    """Before a run starts: each checkpoint `value` names for the stage (READS) exists, is a
+    finished kd model trained on this data set, and is one the stage can use. The stage checks
+    again as it loads them; found here, the refusal leaves no failed run folder behind."""
+    key, resolve = READS[stage]
+    for path in resolve(value):
+        load_model(path, "cpu", data_name, key)
 
 
 def _check_whole_sweep(folder):

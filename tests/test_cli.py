@@ -122,6 +122,11 @@ def bad_teachers(tmp_path):
     (["distill"], "run `kd train-teacher` first"),
     (["train-student", "data.root={empty}", "data.download=false"], "KD_DATA_ROOT"),
     (["evaluate"], "needs checkpoint="),
+    (["evaluate", "checkpoint=/no/such/file.pt"], "checkpoint not found"),
+    (["evaluate", "checkpoint=[pretrained,pretrained]", "bias_shift={{3:3.5}}"], "take one checkpoint, not an ensemble"),
+    (["train-specialists", "generalist=/no/such/file.pt"], "generalist checkpoint not found"),
+    (["train-specialists", "generalist={garbage}"], "is not a kd checkpoint"),
+    (["distill", "-m", "teacher=pretrained,/no/such/file.pt"], "teacher checkpoint not found"),
     (["evaluate", "checkpoint=pretrained", "data.val_size=10000"], "reads data.val_size only with fit_bias"),
     (["evaluate", "checkpoint=pretrained", "data.jitter=2"], "kd evaluate does not read data.jitter"),
     (["evaluate", "checkpoint=pretrained", "precision=bf16"], "kd evaluate does not read precision"),
@@ -134,7 +139,7 @@ def test_bad_input_is_one_line_and_no_checkpoint(kd, bad_teachers, tmp_path, arg
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("kd: error: ") and says in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert not list(tmp_path.glob("outputs/**/checkpoint.pt"))
+    assert not list(tmp_path.glob("outputs/*/*")), "refused before a run folder was made"
 
 
 def test_help_and_unknown_stage(kd):

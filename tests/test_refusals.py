@@ -236,6 +236,10 @@ def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jo
     kept = snapshot(sweep)
     kd(*args)  # every job finished: kept, nothing runs
     assert snapshot(sweep) == kept
+    teacher.rename(kd.cwd / "moved.pt")
+    kd(*args)  # nor with the teacher moved away: nothing reads it
+    assert snapshot(sweep) == kept
+    (kd.cwd / "moved.pt").rename(teacher)
     job1 = next(sweep.glob("1_*"))
     shutil.move(job1, kd.cwd / "job1")  # job 1 left to run
     before = snapshot(sweep)
