@@ -205,7 +205,7 @@ def check_overrides(stage, config_name, overrides):
                 if not cfg.data.download:
                     check_present(cfg.data.root, cfg.data.name)
                 if stage in READS:
-                    key = READS[stage][0]
+                    key = READS[stage]
                     for value in sweeps.get(key, [cfg[key]]):
                         check_readable(stage, value, cfg.data.name)
     except KDError:

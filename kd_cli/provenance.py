@@ -69,17 +69,22 @@ def recorded(folder):
     return found if isinstance(found, dict) else {}
 
 
-def _teachers(entry):
-    """[(path, sha256)] of a recorded teacher entry (one dict, or a list for an ensemble)."""
+def _files(entry):
+    """[(path, sha256)] of a recorded checkpoint entry (one dict, or a list for an ensemble)."""
     items = entry if isinstance(entry, list) else [entry]
     return [(str(t["path"]), t["sha256"]) for t in items if isinstance(t, dict) and "sha256" in t]
 
 
-def differences(then, cfg, teachers=False, precision_now=None):
+# config key naming checkpoints a run reads -> the key its record keeps their paths and sha256 under
+RECORDED_FILES = {"teacher": "teacher", "generalist": "generalist", "checkpoint": "checkpoint_files"}
+
+
+def differences(then, cfg, files=False, precision_now=None):
     """What differs between a run's record `then` and what its config `cfg` gives here now, as
-    phrases (none for what the record predates). teachers: compare the teacher files cfg names now
-    (a sweep's jobs still to start take them; a resumed run keeps its own, stages.distill).
-    precision_now: what precision=auto settles to here, when runs still to start would settle it."""
+    phrases (none for what the record predates). files: compare the checkpoint files cfg names now
+    (teachers, a generalist, kd evaluate's checkpoints: a sweep's jobs still to start take them; a
+    resumed run keeps its own, stages.distill). precision_now: what precision=auto settles to here,
+    when runs still to start would settle it."""
     found = []
     code = then.get("code_sha256")
     if code is not None:
@@ -96,18 +101,18 @@ def differences(then, cfg, teachers=False, precision_now=None):
         elif now != data:
             found.append(f"the data files (the {cfg.data.name} files under data.root={cfg.data.root} are not the "
                          "ones it trained on: KD_DATA_ROOT points elsewhere, or they changed)")
-    for key in ("teacher", "generalist") if teachers else ():
-        recorded_teachers = _teachers(then.get(key))
-        if recorded_teachers and cfg.get(key) is not None:
-            from .teachers import resolve_teacher
+    for key, record_key in RECORDED_FILES.items() if files else ():
+        recorded_files = _files(then.get(record_key))
+        if recorded_files and cfg.get(key) is not None:
+            from .teachers import RESOLVE
 
             try:
-                now = [(str(p.resolve()), _file_sha256(p)) for p in resolve_teacher(cfg[key])]
+                now = [(str(Path(p).resolve()), _file_sha256(p)) for p in RESOLVE[key](cfg[key])]
             except KDError as e:
                 found.append(f"the {key} file ({e}; a relative {key}= is read from the folder kd runs in)")
                 continue
-            if now != recorded_teachers:
-                gone = [p for p, sha in recorded_teachers if (p, sha) not in now]
+            if now != recorded_files:
+                gone = [p for p, sha in recorded_files if (p, sha) not in now]
                 found.append(f"the {key} file ({', '.join(gone) or 'its list'} changed, or {key}= names other files now)")
     if precision_now is not None and cfg.get("precision") == "auto" and then.get("precision") not in (None, precision_now):
         found.append(f"the precision (auto settled to {then['precision']} there and to {precision_now} here)")
@@ -124,9 +129,9 @@ def check_resume(run_dir, cfg):
 
 
 def check_sweep_job(folder, cfg, precision_now=None):
-    """A sweep continues only while each job it ran would run with the code, data, teachers and
-    settled precision it ran with."""
-    found = differences(recorded(folder), cfg, teachers=True, precision_now=precision_now)
+    """A sweep continues only while each job it ran would run with the code, data, checkpoint files
+    (teachers, a generalist, the checkpoints kd evaluate counts) and settled precision it ran with."""
+    found = differences(recorded(folder), cfg, files=True, precision_now=precision_now)
     if found:
         raise KDError(f"sweep job {Path(folder).name} ran with other inputs than this sweep would now: "
                       f"{'; '.join(found)}; continuing would mix two versions in one sweep: restore what "

@@ -189,7 +189,10 @@ def evaluate(cfg, out_dir):
     metrics = {"stage": "evaluate", **counts, "test_error_rate": counts["test_errors"] / counts["test_total"],
                "checkpoint": str(Path(paths[0]).resolve()) if len(paths) == 1 else [str(Path(p).resolve()) for p in paths],
                "checkpoint_stage": first["stage"], "arch": first["arch"], "seed": int(cfg.seed),
-               "device": str(device), **extra, "wall_seconds": round(time.perf_counter() - started, 3)}
+               "device": str(device), **extra, "wall_seconds": round(time.perf_counter() - started, 3),
+               # what a sweep's continuation checks the files against (provenance.differences)
+               "checkpoint_files": [{"path": str(Path(p).resolve()), "sha256": sha256_of(p)} for p in paths],
+               **provenance.inputs(cfg)}
     save_json(Path(out_dir) / run.METRICS, metrics)
     return metrics
 

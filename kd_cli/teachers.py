@@ -63,17 +63,17 @@ def resolve_checkpoints(checkpoint):
     return [Path(resolve_pretrained(p)) for p in items]
 
 
-# the key naming the checkpoints each stage reads, and how the stage resolves it to files
-READS = {"distill": ("teacher", resolve_teacher), "train-specialists": ("generalist", lambda v: [resolve_generalist(v)]),
-         "evaluate": ("checkpoint", resolve_checkpoints)}
+# the key naming the checkpoints each stage reads, and how the stage resolves that key to files
+READS = {"distill": "teacher", "train-specialists": "generalist", "evaluate": "checkpoint"}
+RESOLVE = {"teacher": resolve_teacher, "generalist": lambda v: [resolve_generalist(v)], "checkpoint": resolve_checkpoints}
 
 
 def check_readable(stage, value, data_name):
     """Before a run starts: each checkpoint `value` names for the stage (READS) exists, is a
     finished kd model trained on this data set, and is one the stage can use. The stage checks
     again as it loads them; found here, the refusal leaves no failed run folder behind."""
-    key, resolve = READS[stage]
-    for path in resolve(value):
+    key = READS[stage]
+    for path in RESOLVE[key](value):
         load_model(path, "cpu", data_name, key)
 
 

@@ -2,6 +2,7 @@
 is not a model, a full disk, damaged records. Each is refused with one `kd: error:` line and exit
 code 2, and leaves the files as they were (or, for a sweep, continues it as it was launched)."""
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -276,6 +277,32 @@ def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jo
             check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
     monkeypatch.undo()
     kd(*args)  # as it ran: job 1 runs
+    assert len(list(sweep.glob("[0-9]_*/metrics.json"))) == 2
+
+
+def test_an_evaluate_sweep_continues_only_with_the_checkpoint_files_it_counted(kd):
+    """kd evaluate's jobs count the files checkpoint= names: one overwritten between two launches
+    would leave the kept jobs' counts from the old file beside new ones from the new."""
+    for name, seed in (("a", 0), ("b", 1)):
+        kd("train-student", *SMALL, "epochs=1", f"seed={seed}", f"hydra.run.dir={kd.cwd / name}")
+    a, b = kd.cwd / "a" / "checkpoint.pt", kd.cwd / "b" / "checkpoint.pt"
+    original = a.read_bytes()
+    sweep = kd.cwd / "sweep"
+    args = ["evaluate", "-m", f"checkpoint={a},{b}", f"hydra.sweep.dir={sweep}"]
+    kd(*args)
+    recorded = json.loads(next(sweep.glob("0_*/metrics.json")).read_text())["checkpoint_files"]
+    assert recorded == [{"path": str(a.resolve()), "sha256": hashlib.sha256(original).hexdigest()}]
+    a.write_bytes(b.read_bytes())
+    kept = snapshot(sweep)
+    kd(*args)  # nothing left to run: nothing mixes
+    assert snapshot(sweep) == kept
+    job1 = next(sweep.glob("1_*"))
+    job1.rename(kd.cwd / "job1")  # job 1 left to run
+    before = snapshot(sweep)
+    refused(kd(*args, check=False), "sweep job 0_", "the checkpoint file", str(a.resolve()), "choose a new hydra.sweep.dir")
+    assert snapshot(sweep) == before
+    a.write_bytes(original)
+    kd(*args)  # the file it counted: job 1 runs
     assert len(list(sweep.glob("[0-9]_*/metrics.json"))) == 2
 
 
