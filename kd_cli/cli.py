@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import run
+from .config import typed_key
 from .errors import KDError
 from .preflight import CONFIG_MODULE, check_overrides, quote_paths
 
@@ -128,7 +129,7 @@ def _pin_newest_teacher(stage, overrides):
     jobs could each take another teacher (one trained while the sweep ran, or before it was
     continued), and its recorded overrides, its report and the continuation check would not show it."""
     key = {"distill": "teacher", "train-specialists": "generalist"}.get(stage)
-    typed = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in overrides if "=" in o}
+    typed = {typed_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
     if key is None or typed.get(key, "null") not in ("null", ""):
         return overrides
     from .checkpoint import newest_checkpoint
@@ -137,7 +138,7 @@ def _pin_newest_teacher(stage, overrides):
     newest = newest_checkpoint("outputs", TEACHER_STAGE)
     if newest is None:  # left unset: the stage says there is none, after the values are checked
         return overrides
-    return [*(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key), f"{key}={newest.resolve()}"]
+    return [*(o for o in overrides if typed_key(o) != key), f"{key}={newest.resolve()}"]
 
 
 def main(argv=None):

@@ -151,6 +151,11 @@ EXAMPLES = {"T": "the temperature, e.g. T=20", "alpha": "the weight of the hard-
 _ABSENT = object()
 
 
+def typed_key(override):
+    """The key a command-line override sets, without Hydra's +, ++ or ~ ('++optim.lr=1': optim.lr)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def unknown_keys(tree, prefix=""):
     """The composed keys the schema does not know (Hydra's own aside): a key added with + or ++,
     which Hydra accepts and nothing reads. A map the schema checks as a whole (bias_shift) is one key."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from . import config, provenance, run
+from .config import typed_key
 from .data import check_present
 from .errors import KDError
 from .teachers import READS, check_readable
@@ -65,7 +66,7 @@ def quote_paths(overrides):
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
-        if eq and key.lstrip("+~") in PATH_KEYS and "=" in value and value[:1] not in "[('\"":
+        if eq and typed_key(o) in PATH_KEYS and "=" in value and value[:1] not in "[('\"":
             o = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
         out.append(o)
     return out
@@ -121,11 +122,11 @@ def check_search_continuation(stage, cfg, task, compose_trial):
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
     local = run.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
-        run.check_job_continues(trial, compose_trial(run.job_overrides(trial)), settles_here=local, again=again)
+        run.check_job_continues(trial, compose_trial, settles_here=local, again=again)
 
 
 def _is_hydra_key(override):
-    return override.lstrip("+~").startswith("hydra")
+    return typed_key(override).startswith("hydra")
 
 
 # data and training keys the evaluate config composes (it shares conf/data) but does not read
@@ -136,7 +137,7 @@ def _check_read_by_evaluate(args, cfg):
     """kd evaluate counts a checkpoint's test errors: a training knob typed for it (data.jitter,
     precision) changes nothing, and data.val_size counts only with fit_bias (the split the shift is
     fitted on); typed anyway, the user would take the numbers for what they asked."""
-    for key in (o.split("=", 1)[0].lstrip("+~") for o in args if "=" in o and not _is_hydra_key(o)):
+    for key in (typed_key(o) for o in args if "=" in o and not _is_hydra_key(o)):
         if key.startswith(NOT_READ_BY_EVALUATE):
             raise KDError(f"kd evaluate does not read {key}: it counts the checkpoint's test errors as it was "
                           "trained; drop it")
@@ -178,7 +179,7 @@ def check_overrides(stage, config_name, overrides):
                 raise KDError(f"search with hparams_search={config_name if config_name in SEARCHABLE else '<stage>'}"
                               " (Hydra's Optuna sweeper, made resumable, minimising validation errors; "
                               "conf/hparams_search/) rather than hydra/sweeper=optuna")
-            if multirun and any(_is_hydra_key(o) and o.split("=", 1)[0] in sweeps for o in args):
+            if multirun and any(_is_hydra_key(o) and typed_key(o) in sweeps for o in args):
                 raise KDError("Hydra cannot sweep its own keys; give a search range on the key itself: "
                               "'T=tag(log, interval(2.0, 20.0))'")
             if run.is_search(cfg.hydra):

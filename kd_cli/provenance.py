@@ -50,9 +50,24 @@ def _file_sha256(path):
     return _SEEN[key]
 
 
+def kd_revision():
+    """The git commit kd runs from, '-dirty' appended where its files differ from it; None for an
+    installed copy outside git. A record for the reader (which commit's command gave this number):
+    code_sha256 is what resume and a sweep's continuation check."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def inputs(cfg):
     """What a run records of its code and data (state.pt's and metrics.json's keys)."""
-    return {"code_sha256": code_sha256(), "data_sha256": data_sha256(cfg.data.root, cfg.data.name)}
+    return {"code_sha256": code_sha256(), "data_sha256": data_sha256(cfg.data.root, cfg.data.name),
+            "kd_revision": kd_revision()}
 
 
 def recorded(folder):

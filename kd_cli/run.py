@@ -208,28 +208,26 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     for num, (job, folder) in enumerate(zip(jobs, folders)):
         if folder is None:
             continue  # never started: it runs
-        overrides = job_overrides(folder)
-        if overrides != job:
-            raise KDError(f"sweep job {folder.name} ran with [{' '.join(overrides)}], and this sweep would run "
-                          f"job {num} with [{' '.join(job)}]; {again}")
-        check_job_continues(folder, compose_job(job), settles_here, again, inputs=to_run)
+        check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job))
     return to_run
 
 
-def job_overrides(folder):
-    """The overrides a sweep's job recorded, less resume= (a job resumed on its own records that
-    too: how it went on, not what it ran with)."""
-    return [o for o in recorded_config(folder)[0] if not o.startswith("resume=")]
-
-
-def check_job_continues(folder, composed, settles_here, again, inputs=True):
-    """A job of a sweep or search continues only as it ran: with the config it recorded (a config
-    file may have changed since), and, where jobs are left to run (`inputs`), with the code, data,
-    teachers and settled precision it ran with (provenance.py); settles_here: some job will start
-    afresh on this machine, settling precision=auto here."""
+def check_job_continues(folder, compose_job, settles_here, again, inputs=True, launched_as=None):
+    """A job of a sweep or search continues only as it ran: with the overrides it recorded (a
+    sweep's job `launched_as` (number, overrides) must have recorded those), composing the config
+    it recorded (a config file may have changed since), and, where jobs are left to run (`inputs`),
+    with the code, data, checkpoint files and settled precision it ran with (provenance.py);
+    settles_here: some job will start afresh on this machine, settling precision=auto here."""
     from . import provenance
 
-    config = recorded_config(folder)[1]
+    overrides, config = recorded_config(folder)
+    # a job resumed on its own recorded resume= too: how it went on, not what it ran with
+    overrides = [o for o in overrides if not o.startswith("resume=")]
+    if launched_as is not None and overrides != launched_as[1]:
+        num, job = launched_as
+        raise KDError(f"sweep job {Path(folder).name} ran with [{' '.join(overrides)}], and this sweep would run "
+                      f"job {num} with [{' '.join(job)}]; {again}")
+    composed = compose_job(overrides)
     differs = _first_difference(OmegaConf.to_container(composed), config, allowed=SWEEP_CONTINUES_ACROSS)
     if differs:
         key, now, then = differs

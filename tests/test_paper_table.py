@@ -12,9 +12,17 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import load_script, run_in_process
+
+
+def patch_run(monkeypatch, script, run):
+    """The script's subprocess.run replaced by `run`, for the script alone: kd itself (which asks
+    git for its revision) keeps the real one."""
+    monkeypatch.setattr(script, "subprocess", SimpleNamespace(run=run, STDOUT=subprocess.STDOUT,
+                                                              CalledProcessError=subprocess.CalledProcessError))
 
 
 def kd_in_process(script, monkeypatch, cwd, tiny_root, env=None):
@@ -33,7 +41,7 @@ def kd_in_process(script, monkeypatch, cwd, tiny_root, env=None):
             if check:
                 raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
-    monkeypatch.setattr(script.subprocess, "run", kd_command)
+    patch_run(monkeypatch, script, kd_command)
     return commands
 
 
@@ -91,7 +99,7 @@ def test_paper_table_jobs_run_side_by_side_with_a_share_of_the_cores_and_report_
         all_three.wait()  # BrokenBarrierError unless the other two runs are in flight too
         seen.append((cmd[1], env["OMP_NUM_THREADS"], stdout.name))
         return subprocess.CompletedProcess(cmd, 2 if cmd[1] == "bad" else 0)
-    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    patch_run(monkeypatch, script, fake_run)
     logs = tmp_path / "logs"
     runs = [(["kd", name], logs / f"{name}.log") for name in ("good", "bad", "fine")]
     with contextlib.redirect_stdout(io.StringIO()):
@@ -110,7 +118,7 @@ def test_paper_table_shares_the_cores_among_the_runs_in_flight_not_all_runs(tmp_
     def fake_run(cmd, check, env, stdout, stderr):
         seen.append(env["OMP_NUM_THREADS"])
         return subprocess.CompletedProcess(cmd, 0)
-    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    patch_run(monkeypatch, script, fake_run)
     with contextlib.redirect_stdout(io.StringIO()):
         assert script.run_all([(["kd", n], tmp_path / f"{n}.log") for n in "abc"], jobs=2) == []
     assert seen == ["6"] * 3
