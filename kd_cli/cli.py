@@ -136,7 +136,7 @@ def _pin_newest_teacher(stage, overrides):
     from .teachers import TEACHER_STAGE
 
     newest = newest_checkpoint("outputs", TEACHER_STAGE)
-    if newest is None:  # left unset: the stage says there is none, after the values are checked
+    if newest is None:  # left unset: preflight says there is none, after the values are checked
         return overrides
     return [*(o for o in overrides if typed_key(o) != key), f"{key}={newest.resolve()}"]
 
@@ -162,6 +162,10 @@ def main(argv=None):
         return 2
     config_name = STAGES[stage][0]
     inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
+    if inspect_only and any(o in ("-m", "--multirun") for o in overrides):  # Hydra would end in a traceback
+        _fail(f"{' '.join(a for a in overrides if a.split('=')[0] in INSPECT_FLAGS)} shows one job's config: "
+              "drop -m, and give one value per key")
+        return 2
     try:
         if not inspect_only:
             resuming = any(o.startswith("resume=") for o in overrides)

@@ -73,9 +73,9 @@ def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist
     folder = DATASETS[name]
     root = Path(os.path.expanduser(str(root)))
     files = raw_files(root, name)
-    if not all(f.is_file() for f in files):
-        if not download:
-            check_present(root, name)
+    if not download:
+        check_present(root, name)
+    elif not all(f.is_file() for f in files):
         import torchvision.datasets  # only to fetch the files: its import is slow
 
         try:

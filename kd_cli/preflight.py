@@ -1,6 +1,7 @@
 """Before Hydra runs anything: compose the stage's config, check every value (every value of a
 sweep, both ends of a search's ranges), and the folder it will write in. A typo'd key, a bad value
 or another run's folder ends in one `kd: error:` line, with no folder made or changed."""
+import itertools
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -9,28 +10,28 @@ from . import config, provenance, run
 from .config import typed_key
 from .data import check_present
 from .errors import KDError
-from .teachers import READS, check_readable
+from .stages import fit_bias_split
+from .teachers import READS, load_model
 
 CONFIG_MODULE = "kd_cli.conf"
 
 
 def _first_values(overrides):
-    """The overrides with each sweep (a,b,c) cut to its first value; and each swept key's values."""
+    """The overrides with each sweep (a,b,c) cut to its first value; and, per swept key, the
+    override line of each of its values (of a search's range, its two ends)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
     single, sweeps = [], {}
-    for o in parsed:
+    for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_interval_sweep():  # a search's range: check its two ends
-            ends = [o.value().start, o.value().end]
-            sweeps[o.key_or_group] = ends
-            single.append(f"{o.get_key_element()}={ends[0]}")
+            values = [o.value().start, o.value().end]
         elif o.is_sweep_override():
-            values = list(o.sweep_iterator())
-            sweeps[o.key_or_group] = values
-            single.append(f"{o.get_key_element()}={list(o.sweep_string_iterator())[0]}")
+            values = list(o.sweep_string_iterator())  # as typed: quotes, lists and groups compose again
         else:
             single.append(o.input_line)
+            continue
+        sweeps[o.key_or_group] = [f"{o.get_key_element()}={v}" for v in values]
+        single.append(sweeps[o.key_or_group][0])
     return single, sweeps
 
 
@@ -146,12 +147,30 @@ def _check_read_by_evaluate(args, cfg):
                           "it counts test errors, on the whole test set: drop it, or give fit_bias=[...]")
 
 
+DATA_KEYS = ("data", "data.root", "data.name", "data.download")  # the keys saying which data files a job reads
+
+
+def check_inputs(stage, cfg):
+    """Before a job runs, the files it will read: the data set's (unless it may download them), and
+    each checkpoint its stage reads (teachers.READS), loaded as the stage loads it: a finished kd
+    model, trained on this data set, whose weights fit its architecture (and, for a bias fitted by
+    kd evaluate, with a validation split to fit on). The stage checks again as it loads them;
+    found here, the refusal leaves no failed run folder behind."""
+    if not cfg.data.download:
+        check_present(cfg.data.root, cfg.data.name)
+    if stage in READS:
+        key, resolve, _ = READS[stage]
+        for path in resolve(cfg[key]):
+            ckpt, _ = load_model(path, "cpu", cfg.data.name, key)
+            if stage == "evaluate" and cfg.fit_bias:
+                fit_bias_split(cfg, ckpt)
+
+
 def check_overrides(stage, config_name, overrides):
     """Compose the stage's config before Hydra runs it and check every value (every value of a
     sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
     folder ends in one line, with no folder made or changed."""
     from hydra import compose, initialize_config_module
-    from omegaconf import open_dict
 
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     args = [o for o in overrides if o not in ("-m", "--multirun")]
@@ -163,14 +182,16 @@ def check_overrides(stage, config_name, overrides):
             if stage == "evaluate":
                 _check_read_by_evaluate(args, cfg)
 
-            def check_values(key, values):
-                if OmegaConf.select(cfg, key, default=None) is None or key.startswith("hydra"):
-                    return  # a config group (model=a,b) or Hydra's own key: composition checked it
-                for v in values:
-                    trial = cfg.copy()
-                    with open_dict(trial):
-                        OmegaConf.update(trial, key, v, merge=False)
-                    config.check(stage, trial)
+            def job_with(lines):
+                """The config of a job whose keys in `lines` take those values, the others their first."""
+                keys = {typed_key(line) for line in lines}
+                return compose(config_name, overrides=[o for o in single if typed_key(o) not in keys] + list(lines))
+
+            def check_values(key, lines):
+                if key.startswith("hydra"):
+                    return  # Hydra's own key: refused below as a sweep, or checked by Hydra
+                for line in lines:
+                    config.check(stage, job_with([line]))
 
             for key, values in sweeps.items():
                 check_values(key, values)
@@ -202,13 +223,14 @@ def check_overrides(stage, config_name, overrides):
                     provenance.check_resume(cfg.resume, composed)
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
-            if jobs_left:  # what the runs will read (a finished sweep's files may have moved since)
-                if not cfg.data.download:
-                    check_present(cfg.data.root, cfg.data.name)
-                if stage in READS:
-                    key = READS[stage]
-                    for value in sweeps.get(key, [cfg[key]]):
-                        check_readable(stage, value, cfg.data.name)
+            # what the jobs will read, in every combination a sweep gives it: unless a finished sweep
+            # reads nothing (its files may have moved since), a resumed run reads what it recorded
+            # (provenance.check_resume), or a cluster's nodes read their own files
+            here = not multirun or run.launches_here(cfg.hydra.launcher._target_)
+            if jobs_left and here and not cfg.get("resume"):
+                keys = [k for k in (*DATA_KEYS, READS.get(stage, ("-",))[0]) if k in sweeps]
+                for lines in itertools.product(*(sweeps[k] for k in keys)):
+                    check_inputs(stage, job_with(lines) if lines else cfg)
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

@@ -45,6 +45,8 @@ def _data_sha256(root, name):
 
 def _file_sha256(path):
     key = _stat_key([path])
+    if key is None:
+        raise KDError(f"{path} not found")
     if key not in _SEEN:
         _SEEN[key] = sha256_of(path)
     return _SEEN[key]
@@ -90,10 +92,6 @@ def _files(entry):
     return [(str(t["path"]), t["sha256"]) for t in items if isinstance(t, dict) and "sha256" in t]
 
 
-# config key naming checkpoints a run reads -> the key its record keeps their paths and sha256 under
-RECORDED_FILES = {"teacher": "teacher", "generalist": "generalist", "checkpoint": "checkpoint_files"}
-
-
 def differences(then, cfg, files=False, precision_now=None):
     """What differs between a run's record `then` and what its config `cfg` gives here now, as
     phrases (none for what the record predates). files: compare the checkpoint files cfg names now
@@ -116,13 +114,13 @@ def differences(then, cfg, files=False, precision_now=None):
         elif now != data:
             found.append(f"the data files (the {cfg.data.name} files under data.root={cfg.data.root} are not the "
                          "ones it trained on: KD_DATA_ROOT points elsewhere, or they changed)")
-    for key, record_key in RECORDED_FILES.items() if files else ():
+    from .teachers import READS
+
+    for key, resolve, record_key in READS.values() if files else ():
         recorded_files = _files(then.get(record_key))
         if recorded_files and cfg.get(key) is not None:
-            from .teachers import RESOLVE
-
             try:
-                now = [(str(Path(p).resolve()), _file_sha256(p)) for p in RESOLVE[key](cfg[key])]
+                now = [(str(Path(p).resolve()), _file_sha256(p)) for p in resolve(cfg[key])]
             except KDError as e:
                 found.append(f"the {key} file ({e}; a relative {key}= is read from the folder kd runs in)")
                 continue
@@ -134,13 +132,26 @@ def differences(then, cfg, files=False, precision_now=None):
     return found
 
 
+def _gone_or_changed(then):
+    """Phrases for the checkpoint files a record names (a stopped distillation's teachers) that are
+    gone or differ from their recorded sha256: a resumed run reads those, not what its command names."""
+    from .teachers import READS
+
+    for key, _, record_key in READS.values():
+        for path, sha in _files(then.get(record_key)):
+            if _stat_key([path]) is None or _file_sha256(path) != sha:
+                yield f"the {key} file ({path} is gone or changed since it started)"
+
+
 def check_resume(run_dir, cfg):
-    """A stopped run resumes only with the code and data it started with."""
-    found = differences(recorded(run_dir), cfg)
+    """A stopped run resumes only with the code, data and teachers it started with."""
+    then = recorded(run_dir)
+    found = differences(then, cfg) + list(_gone_or_changed(then))
     if found:
         raise KDError(f"{run_dir} cannot resume with what it started with: {'; '.join(found)}; the rest of the run "
                       "would train with them and mix two versions in one result: restore what changed (the kd "
-                      "version it started with, KD_DATA_ROOT), or start a new run (nothing was changed)")
+                      "version it started with, KD_DATA_ROOT, the teacher file), or start a new run (nothing was "
+                      "changed)")
 
 
 def check_sweep_job(folder, cfg, precision_now=None):

@@ -128,16 +128,24 @@ def distill(cfg, out_dir):
                        + (f" (the soft term at T={T:g} has weight {1 - alpha:g} x T^2)" if kind == "kd" else "")) from None
 
 
-def _validation_for(cfg, ckpt, device):
-    """The validation split to fit a bias shift on: the one the checkpoint's run held out (same
-    fixed split), or data.val_size=N given here. Never the test set."""
+def fit_bias_split(cfg, ckpt):
+    """(val_size, the data config the checkpoint trained with): the validation split a bias shift
+    is fitted on is the one the checkpoint's run held out, or data.val_size=N given here; refused
+    where there is neither (never the test set)."""
     trained = (ckpt.get("config") or {}).get("data") or {}
-    trained_val = int(trained.get("val_size") or 0)
-    val_size = int(cfg.data.val_size) or trained_val
+    val_size = int(cfg.data.val_size) or int(trained.get("val_size") or 0)
     if not val_size:
         raise KDError("fit_bias fits on a validation split, and this checkpoint was trained on the whole "
                       "training set: train it with data.val_size=10000, or pass data.val_size=N here "
                       "(those images were then seen in training)")
+    return val_size, trained
+
+
+def _validation_for(cfg, ckpt, device):
+    """The validation split to fit a bias shift on (fit_bias_split), and whether it is the one the
+    checkpoint's run held out."""
+    val_size, trained = fit_bias_split(cfg, ckpt)
+    trained_val = int(trained.get("val_size") or 0)
     limit = cfg.data.train_limit if cfg.data.train_limit is not None else trained.get("train_limit")
     train_x, train_y, _, _ = load_mnist(cfg.data.root, cfg.data.download, device,
                                         None if limit is None else int(limit), cfg.data.name)

@@ -26,9 +26,8 @@ def resolve_teacher(teacher, outputs="outputs", key="teacher"):
             raise KDError(f"no teacher found under {Path(outputs).resolve()}/{TEACHER_STAGE}*; run "
                           f"`kd train-teacher` first, or pass {key}=<path to checkpoint.pt>")
         return [path]
-    items = list(teacher) if isinstance(teacher, (list, tuple)) or OmegaConf.is_list(teacher) else [teacher]
     paths = []
-    for item in items:
+    for item in _items(teacher):
         if not isinstance(item, (str, Path)):
             raise KDError(f"{key} must be a checkpoint path or a list of them, got {teacher!r}")
         path = Path(resolve_pretrained(item)).expanduser()
@@ -59,22 +58,23 @@ def resolve_generalist(generalist, outputs="outputs"):
 
 def resolve_checkpoints(checkpoint):
     """kd evaluate's checkpoint= (one path, `pretrained`, or a list: an ensemble) as paths."""
-    items = list(checkpoint) if isinstance(checkpoint, (list, tuple)) or OmegaConf.is_list(checkpoint) else [checkpoint]
-    return [Path(resolve_pretrained(p)) for p in items]
+    paths = [Path(resolve_pretrained(p)).expanduser() for p in _items(checkpoint)]
+    for path in paths:
+        if not path.is_file():
+            raise KDError(f"checkpoint not found: {path}; pass checkpoint=<path to checkpoint.pt>")
+    return paths
 
 
-# the key naming the checkpoints each stage reads, and how the stage resolves that key to files
-READS = {"distill": "teacher", "train-specialists": "generalist", "evaluate": "checkpoint"}
-RESOLVE = {"teacher": resolve_teacher, "generalist": lambda v: [resolve_generalist(v)], "checkpoint": resolve_checkpoints}
+def _items(value):
+    """A path option's value as a list: a list as it is, anything else as the one item."""
+    return list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
 
 
-def check_readable(stage, value, data_name):
-    """Before a run starts: each checkpoint `value` names for the stage (READS) exists, is a
-    finished kd model trained on this data set, and is one the stage can use. The stage checks
-    again as it loads them; found here, the refusal leaves no failed run folder behind."""
-    key = READS[stage]
-    for path in RESOLVE[key](value):
-        load_model(path, "cpu", data_name, key)
+# per stage: the key naming the checkpoints it reads, how the stage resolves that key to files, and
+# the key under which its record (metrics.json, state.pt) keeps their paths and sha256
+READS = {"distill": ("teacher", resolve_teacher, "teacher"),
+         "train-specialists": ("generalist", lambda v: [resolve_generalist(v)], "generalist"),
+         "evaluate": ("checkpoint", resolve_checkpoints, "checkpoint_files")}
 
 
 def _check_whole_sweep(folder):

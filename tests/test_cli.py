@@ -1,10 +1,12 @@
 """`kd` end to end (in-process, as the console script runs it) on tiny synthetic data."""
 import json
+import shutil
 
 import pytest
 import torch
 
 from kd_cli.checkpoint import save_checkpoint, sha256_of
+from kd_cli.errors import KDError
 
 FAST = ["epochs=2", "batch_size=50", "model.hidden=[16]"]  # the default widths: tests/test_config.py
 METRIC_KEYS = {"stage", "test_errors", "test_total", "test_error_rate", "per_class_errors", "epochs",
@@ -128,6 +130,7 @@ def bad_teachers(tmp_path):
     (["train-specialists", "generalist={garbage}"], "is not a kd checkpoint"),
     (["distill", "-m", "teacher=pretrained,/no/such/file.pt"], "teacher checkpoint not found"),
     (["evaluate", "checkpoint=pretrained", "data.val_size=10000"], "reads data.val_size only with fit_bias"),
+    (["evaluate", "checkpoint=pretrained", "fit_bias=[3]"], "fit_bias fits on a validation split"),
     (["evaluate", "checkpoint=pretrained", "data.jitter=2"], "kd evaluate does not read data.jitter"),
     (["evaluate", "checkpoint=pretrained", "precision=bf16"], "kd evaluate does not read precision"),
 ])
@@ -161,3 +164,60 @@ def test_paths_from_sweep_folders_are_quoted_for_hydra():
     assert quote_paths([f"teacher={job}", f"resume={job}", "T=2,5", "teacher=a.pt,b.pt"]) == [
         f"teacher='{job}'", f"resume='{job}'", "T=2,5", "teacher=a.pt,b.pt"]  # a plain sweep stays one
     assert quote_paths([f"checkpoint=['{job}']", f"teacher='{job}'"]) == [f"checkpoint=['{job}']", f"teacher='{job}'"]
+
+
+# ---- what a job will read is checked in every combination a sweep gives it ---------------------
+
+def outputs_made(cwd):
+    return sorted((cwd / "outputs").glob("*/*")) if (cwd / "outputs").exists() else []
+
+
+def test_every_value_of_a_swept_data_key_is_checked_before_any_folder_is_made(kd, tmp_path):
+    """A sweep's later values read other files than its first: each job's are checked, whatever
+    the order the values come in."""
+    (tmp_path / "empty").mkdir()
+    for roots in ((kd.root, tmp_path / "empty"), (tmp_path / "empty", kd.root)):
+        proc = kd("train-student", "-m", f"data.root={roots[0]},{roots[1]}", "data.download=false", "epochs=1",
+                  check=False)
+        assert proc.returncode == 2 and "MNIST not found" in proc.stderr, proc.stderr
+    # a teacher trained on MNIST, swept over a data set it was not trained on
+    both = tmp_path / "both"
+    shutil.copytree(kd.root / "MNIST", both / "MNIST")
+    shutil.copytree(kd.root / "MNIST", both / "FashionMNIST")
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"data.root={both}", f"hydra.run.dir={tmp_path / 't'}")
+    for names in ("mnist,fashion_mnist", "fashion_mnist,mnist"):
+        proc = kd("distill", "-m", f"data.name={names}", f"data.root={both}", f"teacher={tmp_path / 't' / 'checkpoint.pt'}",
+                  "epochs=1", check=False)
+        assert proc.returncode == 2 and "was trained on mnist" in proc.stderr, proc.stderr
+    assert outputs_made(tmp_path) == []
+
+
+def test_config_group_and_quoted_values_sweep_as_hydra_composes_them(kd, tmp_path):
+    """A sweep over a config group (model=student,teacher) or over quoted paths (job folders hold
+    = and ,) is checked value by value as each job will compose it, not refused as a strange key."""
+    sweep = tmp_path / "models"
+    kd("train-student", "-m", "model=student,teacher", "model.hidden=[16]", "epochs=1", f"hydra.sweep.dir={sweep}")
+    checkpoints = sorted(sweep.glob("*/checkpoint.pt"))
+    assert len(checkpoints) == 2 and all("=" in str(c) for c in checkpoints)
+    proc = kd("train-student", "-m", "model=student,nosuchmodel", "epochs=1", check=False)
+    assert proc.returncode == 2 and "nosuchmodel" in proc.stderr
+    quoted = ",".join(f"'{c}'" for c in checkpoints)
+    kd("evaluate", "-m", f"checkpoint={quoted}", f"hydra.sweep.dir={tmp_path / 'counted'}")
+    assert len(list((tmp_path / "counted").glob("*/metrics.json"))) == 2
+
+
+def test_a_fit_bias_with_no_split_to_fit_on_is_refused_before_any_folder_is_made(kd, tmp_path):
+    kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 's'}")
+    proc = kd("evaluate", f"checkpoint={tmp_path / 's' / 'checkpoint.pt'}", "fit_bias=[3]", check=False)
+    assert proc.returncode == 2 and "fit_bias fits on a validation split" in proc.stderr, proc.stderr
+    assert outputs_made(tmp_path) == []
+
+
+def test_jobs_a_cluster_runs_read_their_files_there_and_are_not_checked_here(tiny_root, monkeypatch):
+    from kd_cli.preflight import check_overrides
+
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    args = ["-m", "T=1,2", "teacher=/only/on/the/cluster.pt", "hydra.sweep.dir=/tmp/kd-never-made"]
+    check_overrides("distill", "distill", [*args, "hydra/launcher=submitit_slurm"])  # no error
+    with pytest.raises(KDError, match="teacher checkpoint not found"):
+        check_overrides("distill", "distill", [*args, "hydra/launcher=submitit_local"])

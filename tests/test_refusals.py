@@ -301,6 +301,9 @@ def test_an_evaluate_sweep_continues_only_with_the_checkpoint_files_it_counted(k
     before = snapshot(sweep)
     refused(kd(*args, check=False), "sweep job 0_", "the checkpoint file", str(a.resolve()), "choose a new hydra.sweep.dir")
     assert snapshot(sweep) == before
+    a.unlink()
+    refused(kd(*args, check=False), "sweep job 0_", "the checkpoint file", "checkpoint not found")
+    assert snapshot(sweep) == before
     a.write_bytes(original)
     kd(*args)  # the file it counted: job 1 runs
     assert len(list(sweep.glob("[0-9]_*/metrics.json"))) == 2

@@ -181,16 +181,31 @@ def test_a_run_stopped_before_the_elastic_key_existed_resumes_and_one_that_set_i
     assert proc.returncode == 2 and "started with data.elastic.scale=3" in proc.stderr, proc.stderr
 
 
-def test_resume_refuses_a_changed_teacher(kd):
+def test_a_stopped_distillation_resumes_from_any_folder_with_the_teacher_it_recorded(kd):
+    """Its command's teacher= is a path relative to where it started; the run reads the teacher
+    its state recorded (an absolute path and a sha256), so it resumes from anywhere."""
+    kd("train-teacher", "model.hidden=[24]", "epochs=1", f"hydra.run.dir={kd.cwd / 't'}")
+    args = [*DISTILL, "teacher=t/checkpoint.pt"]
+    kd(*args, f"hydra.run.dir={kd.cwd / 'whole'}")
+    proc = kd(*args, f"hydra.run.dir={kd.cwd / 'stopped'}", extra_env=signal_at(signal.SIGTERM, 2, 4), check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    elsewhere = kd.cwd / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_in_process(["distill", f"resume={kd.cwd / 'stopped'}"], elsewhere, {"KD_DATA_ROOT": str(kd.root)})
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(kd.cwd / "stopped", kd.cwd / "whole")
+
+
+def test_resume_refuses_a_changed_teacher_and_leaves_the_run_as_it_was(kd):
     teacher = stopped_distillation(kd)
     ckpt = load_checkpoint(teacher)
     ckpt["state_dict"] = {k: v + 0.01 for k, v in ckpt["state_dict"].items()}
     save_checkpoint(teacher, {k: v for k, v in ckpt.items() if k != "format_version"})
-    state_before = (kd.cwd / "stopped" / "state.pt").read_bytes()
-    proc = kd("distill", f"resume={kd.cwd / 'stopped'}", check=False)
+    folder = kd.cwd / "stopped"
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    proc = kd("distill", f"resume={folder}", check=False)
     assert proc.returncode == 2 and "changed" in proc.stderr and str(teacher) in proc.stderr, proc.stderr
-    assert (kd.cwd / "stopped" / "state.pt").read_bytes() == state_before
-    assert not (kd.cwd / "stopped" / "checkpoint.pt").exists()
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before  # no error.txt, .hydra as it was
 
 
 def test_resume_refuses_what_it_cannot_continue(kd, untouched):
