@@ -162,9 +162,9 @@ def main(argv=None):
         return 2
     config_name = STAGES[stage][0]
     inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
-    if inspect_only and any(o in ("-m", "--multirun") for o in overrides):  # Hydra would end in a traceback
-        _fail(f"{' '.join(a for a in overrides if a.split('=')[0] in INSPECT_FLAGS)} shows one job's config: "
-              "drop -m, and give one value per key")
+    shows_config = [a for a in overrides if a.split("=")[0] in ("--cfg", "-c", "--info")]
+    if shows_config and any(o in ("-m", "--multirun") for o in overrides):  # Hydra would end in a traceback
+        _fail(f"{shows_config[0]} shows one job's config: drop -m, and give one value per key")
         return 2
     try:
         if not inspect_only:

@@ -11,7 +11,7 @@ from .config import typed_key
 from .data import check_present
 from .errors import KDError
 from .stages import fit_bias_split
-from .teachers import READS, load_model
+from .teachers import READS, check_same_data, load_model
 
 CONFIG_MODULE = "kd_cli.conf"
 
@@ -85,8 +85,7 @@ def check_search(stage, cfg, multirun, check_value):
         raise KDError("a search runs n_jobs >= 1 trials at a time and minimises validation errors: "
                       "hydra.sweeper.n_jobs=1 (or more), hydra.sweeper.direction=minimize")
     if not cfg.data.val_size:
-        raise KDError("a search minimises validation errors: set data.val_size (e.g. 10000); "
-                      "the test set is never its objective")
+        raise KDError(SEARCH_NEEDS_VALIDATION)
     if str(OmegaConf.select(cfg, "hydra.sweeper.sampler._target_", default="")).endswith("GridSampler"):
         raise KDError(f"for a grid, use kd's own sweep: kd {stage} -m key=a,b,c (no hparams_search)")
     space = OmegaConf.to_container(cfg.hydra.sweeper.params or {})
@@ -94,9 +93,11 @@ def check_search(stage, cfg, multirun, check_value):
         if OmegaConf.select(cfg, key, default=None) is None and key not in cfg.hydra.runtime.choices:
             raise KDError(f"the search space has {key}, which kd {stage} does not; "
                           f"use hparams_search={stage.replace('-', '_')} or drop hydra.sweeper.params.{key}")
-    _, ends = _first_values([f"{k}={v}" for k, v in space.items()])
-    for key, values in ends.items():
-        check_value(key, values)
+    fixed, ends = _first_values([f"{k}={v}" for k, v in space.items()])
+    for line in fixed:  # a value the space fixes
+        check_value(typed_key(line), [line])
+    for key, lines in ends.items():
+        check_value(key, lines)
 
 
 def check_search_continuation(stage, cfg, task, compose_trial):
@@ -147,23 +148,52 @@ def _check_read_by_evaluate(args, cfg):
                           "it counts test errors, on the whole test set: drop it, or give fit_bias=[...]")
 
 
-DATA_KEYS = ("data", "data.root", "data.name", "data.download")  # the keys saying which data files a job reads
+def _resolved(cfg, key):
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def check_inputs(stage, cfg):
+def _reads(stage, job):
+    """What of a job's config decides the files it reads and how they are checked, resolved (a
+    path may interpolate ${seed}): jobs that agree on it read the same files."""
+    keys = ["data.root", "data.name", "data.download", *(READS[stage][:1] if stage in READS else ()),
+            *(("fit_bias", "data.val_size") if stage == "evaluate" else ())]
+    return repr([_resolved(job, k) for k in keys])
+
+
+def check_inputs(stage, cfg, loaded=None):
     """Before a job runs, the files it will read: the data set's (unless it may download them), and
     each checkpoint its stage reads (teachers.READS), loaded as the stage loads it: a finished kd
     model, trained on this data set, whose weights fit its architecture (and, for a bias fitted by
     kd evaluate, with a validation split to fit on). The stage checks again as it loads them;
-    found here, the refusal leaves no failed run folder behind."""
+    found here, the refusal leaves no failed run folder behind. loaded: {path: checkpoint record}
+    of files already loaded, shared by a sweep's jobs."""
+    loaded = {} if loaded is None else loaded
     if not cfg.data.download:
         check_present(cfg.data.root, cfg.data.name)
     if stage in READS:
         key, resolve, _ = READS[stage]
         for path in resolve(cfg[key]):
-            ckpt, _ = load_model(path, "cpu", cfg.data.name, key)
+            if path not in loaded:
+                ckpt, _ = load_model(path, "cpu", cfg.data.name, key)
+                loaded[path] = {k: v for k, v in ckpt.items() if k != "state_dict"}
+            check_same_data(loaded[path], path, cfg.data.name, key)
             if stage == "evaluate" and cfg.fit_bias:
-                fit_bias_split(cfg, ckpt)
+                fit_bias_split(cfg, loaded[path])
+
+
+def check_jobs_read(stage, jobs):
+    """check_inputs for each of the jobs' configs that reads other files than those before it."""
+    seen, loaded = set(), {}
+    for job in jobs:
+        reads = _reads(stage, job)
+        if reads not in seen:
+            seen.add(reads)
+            check_inputs(stage, job, loaded)
+
+
+SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_size (e.g. 10000); the test set is "
+                           "never its objective")
 
 
 def check_overrides(stage, config_name, overrides):
@@ -184,25 +214,34 @@ def check_overrides(stage, config_name, overrides):
             if stage == "evaluate":
                 _check_read_by_evaluate(args, cfg)
 
+            search = run.is_search(cfg.hydra)
+            composed = {(): cfg}  # the config for each choice of the swept config groups
+
             def job_with(lines):
                 """The config of a job whose keys in `lines` take those values, the others their first:
-                the first values' config with the values set, or, where a line picks a config group
-                (model=teacher), composed again (slower: 75 ms a job)."""
+                the values set on the config of the job's config-group choices (model=teacher), which
+                is composed once for each such choice (75 ms)."""
                 parsed = OverridesParser.create().parse_overrides(list(lines))
-                if any(o.key_or_group in cfg.hydra.runtime.choices for o in parsed):
-                    keys = {typed_key(line) for line in lines}
-                    return compose(config_name, overrides=[o for o in single if typed_key(o) not in keys] + list(lines))
-                job = cfg.copy()
+                groups = tuple(line for line, o in zip(lines, parsed) if o.key_or_group in cfg.hydra.runtime.choices)
+                if groups not in composed:
+                    keys = {typed_key(g) for g in groups}
+                    composed[groups] = compose(config_name, return_hydra_config=True,
+                                               overrides=[o for o in single if typed_key(o) not in keys] + list(groups))
+                job = composed[groups].copy()
                 with open_dict(job):
-                    for o in parsed:
-                        OmegaConf.update(job, o.key_or_group, o.value(), merge=False)
+                    for line, o in zip(lines, parsed):
+                        if line not in groups:
+                            OmegaConf.update(job, o.key_or_group, o.value(), merge=False)
                 return job
 
             def check_values(key, lines):
                 if key.startswith("hydra"):
                     return  # Hydra's own key: refused below as a sweep, or checked by Hydra
                 for line in lines:
-                    config.check(stage, job_with([line]))
+                    job = job_with([line])
+                    config.check(stage, job)
+                    if search and not job.data.val_size:
+                        raise KDError(SEARCH_NEEDS_VALIDATION)
 
             for key, values in sweeps.items():
                 check_values(key, values)
@@ -214,7 +253,11 @@ def check_overrides(stage, config_name, overrides):
             if multirun and any(_is_hydra_key(o) and typed_key(o) in sweeps for o in args):
                 raise KDError("Hydra cannot sweep its own keys; give a search range on the key itself: "
                               "'T=tag(log, interval(2.0, 20.0))'")
-            if run.is_search(cfg.hydra):
+            if not multirun and sweeps and not search:  # Hydra's own message is a page long
+                key, lines = next(iter(sweeps.items()))
+                raise KDError(f"{key} has {len(lines)} values ({', '.join(l.split('=', 1)[1] for l in lines)}): add -m "
+                              f"to run a job for each (kd {stage} -m ...), or quote a value that holds a comma")
+            if search:
                 check_search(stage, cfg, multirun, check_values)
                 check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)],
                                           lambda trial: compose(config_name, overrides=trial))
@@ -239,9 +282,8 @@ def check_overrides(stage, config_name, overrides):
             # (provenance.check_resume), or a cluster's nodes read their own files
             here = not multirun or run.launches_here(cfg.hydra.launcher._target_)
             if jobs_left and here and not cfg.get("resume"):
-                keys = [k for k in (*DATA_KEYS, READS.get(stage, ("-",))[0]) if k in sweeps]
-                for lines in itertools.product(*(sweeps[k] for k in keys)):
-                    check_inputs(stage, job_with(lines) if lines else cfg)
+                swept = [lines for key, lines in sweeps.items() if not key.startswith("hydra")]
+                check_jobs_read(stage, (job_with(lines) for lines in itertools.product(*swept)))
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

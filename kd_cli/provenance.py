@@ -54,13 +54,19 @@ def _file_sha256(path):
 
 def kd_revision():
     """The git commit kd runs from, '-dirty' appended where its files differ from it; None for an
-    installed copy outside git. A record for the reader (which commit's command gave this number):
-    code_sha256 is what resume and a sweep's continuation check."""
+    installed copy (site-packages, even inside another project's repository). A record for the
+    reader (which commit's command gave this number): code_sha256 is what resume and a sweep's
+    continuation check."""
+    import os
     import subprocess
 
+    repo = Path(__file__).resolve().parents[1]  # kd's own checkout holds kd_cli/ at its top
+    if not (repo / ".git").exists():
+        return None
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
-                             cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=repo,
+                             capture_output=True, text=True, timeout=10,
+                             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # a record only: never touch .git/index
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

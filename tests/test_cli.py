@@ -221,3 +221,34 @@ def test_jobs_a_cluster_runs_read_their_files_there_and_are_not_checked_here(tin
     check_overrides("distill", "distill", [*args, "hydra/launcher=submitit_slurm"])  # no error
     with pytest.raises(KDError, match="teacher checkpoint not found"):
         check_overrides("distill", "distill", [*args, "hydra/launcher=submitit_local"])
+
+
+def test_a_swept_key_a_path_interpolates_and_a_swept_fit_bias_are_checked_for_every_job(kd, tmp_path):
+    kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 'by-seed' / '0'}")
+    per_seed = f"checkpoint={tmp_path / 'by-seed'}/${{seed}}/checkpoint.pt"  # only seed 0's exists
+    for seeds in ("0,1", "1,0"):
+        proc = kd("evaluate", "-m", f"seed={seeds}", per_seed, check=False)
+        assert proc.returncode == 2 and "checkpoint not found" in proc.stderr and "by-seed/1/" in proc.stderr
+    for args in (["fit_bias=[],[3]"], ["fit_bias=[3]", "data.val_size=100,0"]):  # trained with no split
+        proc = kd("evaluate", "-m", f"checkpoint={tmp_path / 'by-seed' / '0' / 'checkpoint.pt'}", *args, check=False)
+        assert proc.returncode == 2 and "fit_bias fits on a validation split" in proc.stderr, proc.stderr
+    assert outputs_made(tmp_path) == []
+
+
+def test_each_checkpoint_is_loaded_once_however_many_jobs_read_it(tiny_root, monkeypatch, tmp_path):
+    from kd_cli import preflight
+
+    loads = []
+    real = preflight.load_model
+    monkeypatch.setattr(preflight, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    preflight.check_overrides("distill", "distill", ["-m", "seed=0,1,2", "T=2,4", f"data.root={tiny_root},{tiny_root}/.",
+                                                     "teacher=pretrained", f"hydra.sweep.dir={tmp_path / 'never'}"])
+    assert len(loads) == 1
+
+
+def test_several_values_without_m_and_help_with_m(kd):
+    proc = kd("distill", "T=2,5", check=False)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "T has 2 values (2, 5): add -m" in lines[0], proc.stderr
+    assert "kd distill" in kd("distill", "-m", "--help").stdout  # help shows, -m or not

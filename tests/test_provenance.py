@@ -30,9 +30,14 @@ def test_the_revision_is_the_commit_kd_runs_from_and_says_when_its_files_differ(
     assert provenance.kd_revision() == commit + "-dirty"
 
 
-def test_an_installed_copy_outside_git_records_no_revision(tmp_path, monkeypatch):
-    pkg = tmp_path / "site-packages" / "kd_cli"
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_an_installed_copy_records_no_revision_even_inside_another_repository(tmp_path, monkeypatch):
+    project = tmp_path / "project"  # a user's project with kd installed in its own venv
+    pkg = project / ".venv" / "site-packages" / "kd_cli"
     shutil.copytree(Path(kd_cli.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "notes.txt").write_text("x\n")
+    git(project, "init", "-q")
+    git(project, "add", "notes.txt")
+    git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
     monkeypatch.setattr(provenance, "__file__", str(pkg / "provenance.py"))
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # /tmp itself may sit in a repo
-    assert provenance.kd_revision() is None
+    assert provenance.kd_revision() is None  # not the project's commit

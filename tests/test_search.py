@@ -97,6 +97,8 @@ def test_the_objective_is_validation_errors_and_a_failed_trial_is_recorded(kd, t
 @pytest.mark.parametrize("args, says", [
     (["train-student", "hparams_search=train_student"], "add -m"),
     ([*SEARCH, "data.val_size=0"], "set data.val_size"),
+    ([*SEARCH[:4], "data.val_size=choice(100,0)", *SEARCH[5:]], "set data.val_size"),  # a trial with no split
+    ([*SEARCH, "hydra.sweeper.params.lr=0"], "lr must be a finite number > 0"),  # a value the space fixes
     (["distill", "-m", "hparams_search=distill", "T=interval(0,5)"], "T must be a number in [0.01, 1000]"),
     ([*SEARCH, "hydra.sweeper.n_jobs=0"], "n_jobs >= 1"),
     ([*SEARCH, "hydra.sweeper.params.lr=choice(0.1,0.2)"], "Hydra cannot sweep its own keys"),
