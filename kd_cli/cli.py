@@ -162,9 +162,10 @@ def main(argv=None):
         return 2
     config_name = STAGES[stage][0]
     inspect_only = any(a.split("=")[0] in INSPECT_FLAGS for a in overrides)
-    shows_config = [a for a in overrides if a.split("=")[0] in ("--cfg", "-c", "--info")]
-    if shows_config and any(o in ("-m", "--multirun") for o in overrides):  # Hydra would end in a traceback
-        _fail(f"{shows_config[0]} shows one job's config: drop -m, and give one value per key")
+    # with -m, Hydra shows help, and ends in a traceback for the others
+    shows_one_job = [a for a in overrides if a.split("=")[0] in INSPECT_FLAGS and a not in ("--help", "-h", "--hydra-help")]
+    if shows_one_job and any(o in ("-m", "--multirun") for o in overrides):
+        _fail(f"{shows_one_job[0]} shows one job: drop -m, and give one value per key")
         return 2
     try:
         if not inspect_only:

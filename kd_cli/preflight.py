@@ -2,9 +2,10 @@
 sweep, both ends of a search's ranges), and the folder it will write in. A typo'd key, a bad value
 or another run's folder ends in one `kd: error:` line, with no folder made or changed."""
 import itertools
+import re
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from . import config, provenance, run
 from .config import typed_key
@@ -182,18 +183,64 @@ def check_inputs(stage, cfg, loaded=None):
                 fit_bias_split(cfg, loaded[path])
 
 
-def check_jobs_read(stage, jobs):
-    """check_inputs for each of the jobs' configs that reads other files than those before it."""
+# keys that decide, beside the config groups, whether a job can run: the files it reads (_reads),
+# and the checks that join two keys (config.check: bias_shift with fit_bias or an ensemble, a
+# recipe with no T; _check_read_by_evaluate: data.val_size without fit_bias)
+JOINED = ("data.root", "data.name", "data.download", "teacher", "generalist", "checkpoint", "fit_bias", "bias_shift",
+          "data.val_size", "data.train_limit", "T", "device")
+REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${seed}: a key another value interpolates
+
+
+def _raw(cfg, key):
+    """A value as written, interpolations unresolved (None where the key is absent)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node._get_node(part)
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node._value()
+
+
+def joined_keys(cfg, sweeps):
+    """The swept keys whose every combination is a job preflight must build: config groups, JOINED,
+    and the swept keys those interpolate (a teacher per seed: teacher=t/${seed}/checkpoint.pt). A
+    sweep of seeds alone, or a search's ranges, joins nothing: one job stands for all."""
+    written = [str(_raw(cfg, k)) for k in JOINED] + [line for k in JOINED for line in sweeps.get(k, ())]
+    referenced = set(REFERENCE.findall(" ".join(written)))
+    return [k for k in sweeps if not k.startswith("hydra")
+            and (k in cfg.hydra.runtime.choices or k in JOINED or k in referenced)]
+
+
+def check_jobs(stage, args, jobs, files):
+    """For each job's config: the checks that join two keys, and where `files`, what it reads
+    (check_inputs, once for each distinct set of files, each checkpoint loaded once)."""
     seen, loaded = set(), {}
     for job in jobs:
+        config.check(stage, job)
+        if stage == "evaluate":
+            _check_read_by_evaluate(args, job)
         reads = _reads(stage, job)
-        if reads not in seen:
+        if files and reads not in seen:
             seen.add(reads)
             check_inputs(stage, job, loaded)
 
 
 SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_size (e.g. 10000); the test set is "
                            "never its objective")
+
+
+def _needs_multirun(stage, args):
+    """The refusal of a sweep typed without -m, naming its first swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    o = next(o for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override())
+    if o.is_interval_sweep():
+        return (f"{o.input_line} is a search range: it takes a search, kd {stage} -m "
+                f"hparams_search={stage.replace('-', '_')} ... (conf/hparams_search/)")
+    values = list(o.sweep_string_iterator())
+    shown = ", ".join(values[:3]) + (", ..." if len(values) > 3 else "")
+    return (f"{o.key_or_group} has {len(values)} values ({shown}): add -m to run a job for each (kd {stage} -m ...), "
+            "or quote a value that holds a comma")
 
 
 def check_overrides(stage, config_name, overrides):
@@ -211,10 +258,10 @@ def check_overrides(stage, config_name, overrides):
             single, sweeps = _first_values(args)
             cfg = compose(config_name, overrides=single, return_hydra_config=True)
             config.check(stage, cfg)
-            if stage == "evaluate":
-                _check_read_by_evaluate(args, cfg)
-
             search = run.is_search(cfg.hydra)
+            if not multirun and sweeps and not search:  # Hydra's own message is a page long
+                raise KDError(_needs_multirun(stage, args))
+
             composed = {(): cfg}  # the config for each choice of the swept config groups
 
             def job_with(lines):
@@ -253,10 +300,6 @@ def check_overrides(stage, config_name, overrides):
             if multirun and any(_is_hydra_key(o) and typed_key(o) in sweeps for o in args):
                 raise KDError("Hydra cannot sweep its own keys; give a search range on the key itself: "
                               "'T=tag(log, interval(2.0, 20.0))'")
-            if not multirun and sweeps and not search:  # Hydra's own message is a page long
-                key, lines = next(iter(sweeps.items()))
-                raise KDError(f"{key} has {len(lines)} values ({', '.join(l.split('=', 1)[1] for l in lines)}): add -m "
-                              f"to run a job for each (kd {stage} -m ...), or quote a value that holds a comma")
             if search:
                 check_search(stage, cfg, multirun, check_values)
                 check_search_continuation(stage, cfg, [o for o in args if not _is_hydra_key(o)],
@@ -272,18 +315,18 @@ def check_overrides(stage, config_name, overrides):
             else:
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):
-                    composed = compose(config_name, overrides=single)
-                    run.check_resume_config(cfg.resume, OmegaConf.to_container(composed))
-                    provenance.check_resume(cfg.resume, composed)
+                    resumed = compose(config_name, overrides=single)
+                    run.check_resume_config(cfg.resume, OmegaConf.to_container(resumed))
+                    provenance.check_resume(cfg.resume, resumed)
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
             # what the jobs will read, in every combination a sweep gives it: unless a finished sweep
             # reads nothing (its files may have moved since), a resumed run reads what it recorded
             # (provenance.check_resume), or a cluster's nodes read their own files
             here = not multirun or run.launches_here(cfg.hydra.launcher._target_)
-            if jobs_left and here and not cfg.get("resume"):
-                swept = [lines for key, lines in sweeps.items() if not key.startswith("hydra")]
-                check_jobs_read(stage, (job_with(lines) for lines in itertools.product(*swept)))
+            joined = [sweeps[k] for k in joined_keys(cfg, sweeps)]
+            check_jobs(stage, args, (job_with(lines) for lines in itertools.product(*joined)),
+                       files=jobs_left and here and not cfg.get("resume"))
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

@@ -53,23 +53,25 @@ def _file_sha256(path):
 
 
 def kd_revision():
-    """The git commit kd runs from, '-dirty' appended where its files differ from it; None for an
-    installed copy (site-packages, even inside another project's repository). A record for the
-    reader (which commit's command gave this number): code_sha256 is what resume and a sweep's
-    continuation check."""
+    """The git commit of the checkout kd runs from (its own, or a larger repository holding kd's
+    source), '-dirty' appended where its files differ from it; None for an installed copy, which
+    git does not track (site-packages, even in a venv inside another project's repository). A
+    record for the reader (which commit's command gave this number): code_sha256 is what resume and
+    a sweep's continuation check."""
     import os
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]  # kd's own checkout holds kd_cli/ at its top
-    if not (repo / ".git").exists():
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                 timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # never touch .git/index
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", Path(__file__).name) is None:  # not kd's source in git
         return None
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=repo,
-                             capture_output=True, text=True, timeout=10,
-                             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})  # a record only: never touch .git/index
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return git("describe", "--always", "--dirty", "--abbrev=40", "--exclude=*")
 
 
 def inputs(cfg):

@@ -247,8 +247,48 @@ def test_each_checkpoint_is_loaded_once_however_many_jobs_read_it(tiny_root, mon
     assert len(loads) == 1
 
 
-def test_several_values_without_m_and_help_with_m(kd):
-    proc = kd("distill", "T=2,5", check=False)
+def one_line_refusal(proc, says):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "T has 2 values (2, 5): add -m" in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("kd: error: ") and says in lines[0], proc.stderr
+    return lines[0]
+
+
+def test_several_values_without_m_and_help_with_m(kd):
+    one_line_refusal(kd("distill", "T=2,5", check=False), "T has 2 values (2, 5): add -m")
+    line = one_line_refusal(kd("distill", "seed=range(0,1500)", check=False), "seed has 1500 values (0, 1, 2, ...)")
+    assert len(line) < 200
+    one_line_refusal(kd("distill", "T=interval(2,5)", check=False), "is a search range")
     assert "kd distill" in kd("distill", "-m", "--help").stdout  # help shows, -m or not
+    for flag in (["--cfg", "job"], ["--info"], ["--shell-completion"], ["--cfg", "job", "--resolve"]):
+        one_line_refusal(kd("distill", "-m", *flag, check=False), "drop -m")
+
+
+def test_values_that_join_two_keys_are_checked_in_every_combination_a_sweep_makes(kd, tmp_path):
+    """Each value is fine alone; some jobs of the sweep would combine two that a run refuses."""
+    kd("train-student", "model.hidden=[16]", "epochs=1", "data.val_size=100", f"hydra.run.dir={tmp_path / 'a'}")
+    a = tmp_path / "a" / "checkpoint.pt"
+    for args, says in ((["fit_bias=[],[3]", "bias_shift=null,{3:1}"], "not both"),
+                       ([f"checkpoint=[{a}],[{a},{a}]", "fit_bias=[],[3]"], "not an ensemble"),
+                       (["fit_bias=[3],[]", "data.val_size=100"], "reads data.val_size only with fit_bias"),
+                       (["fit_bias=[],[3]", "data.val_size=100"], "reads data.val_size only with fit_bias")):
+        checkpoint = [] if any(x.startswith("checkpoint=") for x in args) else [f"checkpoint={a}"]
+        one_line_refusal(kd("evaluate", "-m", *checkpoint, *args, check=False), says)
+    assert outputs_made(tmp_path) == []
+
+
+def test_only_keys_that_decide_whether_a_job_can_run_multiply_the_jobs_preflight_builds(tiny_root, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    from kd_cli.preflight import CONFIG_MODULE, _first_values, joined_keys
+
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    args = ["seed=range(0,100)", "lr=0.01,0.1", "T=2,5", "model=student,teacher", "teacher=t/${seed}/checkpoint.pt",
+            "epochs=1,2"]
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        def joined(args):
+            single, sweeps = _first_values(args)
+            return sorted(joined_keys(compose("distill", overrides=single, return_hydra_config=True), sweeps))
+
+        assert joined(args) == ["T", "model", "seed"]  # seed: the teacher's path names it
+        assert joined(args[:3] + args[4:]) == ["T", "seed"]
+        assert joined(["seed=range(0,100)", "lr=0.01,0.1", "teacher=t/checkpoint.pt"]) == []  # one job stands for all

@@ -31,6 +31,18 @@ def test_the_revision_is_the_commit_kd_runs_from_and_says_when_its_files_differ(
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_kd_inside_a_larger_repository_records_that_repositorys_commit(tmp_path, monkeypatch):
+    mono = tmp_path / "mono"
+    pkg = mono / "tools" / "kd" / "kd_cli"
+    shutil.copytree(Path(kd_cli.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    git(mono, "init", "-q")
+    git(mono, "add", ".")
+    git(mono, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.setattr(provenance, "__file__", str(pkg / "provenance.py"))
+    assert provenance.kd_revision() == git(mono, "rev-parse", "HEAD")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_an_installed_copy_records_no_revision_even_inside_another_repository(tmp_path, monkeypatch):
     project = tmp_path / "project"  # a user's project with kd installed in its own venv
     pkg = project / ".venv" / "site-packages" / "kd_cli"
