@@ -110,15 +110,33 @@ def rows_of(paths):
     return [read_job(job, launched) for job, launched in find_jobs(paths)]
 
 
+# what a finished run records of how it ran that its config does not say: the stage, what
+# precision=auto settled to, the data files' sha256 and the CPU threads (float rounding moves with
+# them); jobs that differ in any of these are not seeds of one setting
+AS_RUN = ("stage", "precision", "data_sha256", "threads")
+
+
+def _as_run(job, m):
+    found = {k: str(m[k])[:12] if k == "data_sha256" else str(m[k]) for k in AS_RUN if m.get(k) is not None}
+    if "stage" not in found:
+        try:
+            found["stage"] = str(OmegaConf.load(Path(job) / RECORD / "hydra.yaml").hydra.job.name)
+        except Exception:  # no record, or a damaged one: the stage is not known
+            pass
+    return found
+
+
 def _row(job, overrides, status, error="", metrics=None):
     m = metrics or {}
     typed = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
-    return {"job": str(job), "overrides": typed,
+    config = _config_of(job)
+    return {"job": str(job), "overrides": typed, "configured": bool(config),
             # what the job ran with: its config (so T=20 from a recipe counts like a typed T=20),
-            # the typed overrides on top (config groups such as recipe=paper live only there)
-            "values": {**_config_of(job), **typed},
+            # the typed overrides on top (config groups such as recipe=paper live only there), and
+            # what it recorded of how it ran
+            "values": {**config, **typed, **_as_run(job, m)},
             "status": status, "test_errors": m.get("test_errors"), "test_error_rate": m.get("test_error_rate"),
-            "val_errors": m.get("val_errors"), "wall_seconds": m.get("wall_seconds"),
+            "val_errors": m.get("val_errors"), "val_size": m.get("val_size"), "wall_seconds": m.get("wall_seconds"),
             "train_seconds": m.get("train_seconds"), "test_total": m.get("test_total"), "error": error,
             "history": m.get("history") or []}
 
@@ -152,27 +170,45 @@ def _how_it_ran(key):
     return key.startswith("hydra") or key == "resume"
 
 
+def _same(value):
+    """A value as compared: T=5 typed and T: 5.0 from a recipe are one value, null and None too."""
+    if value is None or value in ("null", "None"):
+        return None
+    number = _number(value)
+    return str(value).replace(" ", "") if number is None else number
+
+
 def swept_keys(rows):
-    """Keys whose values differ between jobs (the axes: typed or from a config group); and the
-    typed overrides that every job shares."""
+    """Keys whose values differ between jobs (the axes: typed, from a config group, or a key one
+    job's config has and another's lacks: a student's and a distillation's); and the typed
+    overrides that every job shares."""
     keys = sorted({k for r in rows for k in r["values"] if not _how_it_ran(k)})
-    same = lambda v: v if _number(v) is None else _number(v)  # noqa: E731  (T=20 is T=20.0)
-    swept = [k for k in keys if len({same(r["values"][k]) for r in rows if k in r["values"]}) > 1]
+    absent = object()
+
+    def values(k):  # a job with no readable config (not started) says only what was typed, and only
+        # a finished one has recorded how it ran (precision=auto settled to fp32, say)
+        if k in AS_RUN:
+            return {_same(r["values"].get(k, absent)) for r in rows if r["status"] == "done"}
+        return {_same(r["values"].get(k, absent)) for r in rows if r.get("configured", True) or k in r["values"]}
+    swept = [k for k in keys if len(values(k)) > 1]
     typed = sorted({k for r in rows for k in r["overrides"] if not _how_it_ran(k)})
     fixed = {k: rows[0]["overrides"].get(k) for k in typed if k not in swept}
     return swept, fixed
 
 
 def seed_groups(rows, swept):
-    """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max."""
+    """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max;
+    `rows` the members (their validation errors choose between groups)."""
     others = [k for k in swept if k != SEED]
-    key = lambda r: tuple(r["values"].get(k) for k in others)  # noqa: E731
-    done = sorted((r for r in rows if r["status"] == "done"), key=lambda r: tuple(map(str, key(r))))
+    key = lambda r: tuple(str(_same(r["values"].get(k))) for k in others)  # noqa: E731
+    done = sorted((r for r in rows if r["status"] == "done"), key=key)
     groups = []
-    for values, members in groupby(done, key=key):
+    for _, members in groupby(done, key=key):
+        members = list(members)
         errs = [r["test_errors"] for r in members]
-        groups.append({"values": dict(zip(others, values)), "n": len(errs), "mean": statistics.mean(errs),
-                       "std": statistics.stdev(errs) if len(errs) > 1 else 0.0, "min": min(errs), "max": max(errs)})
+        groups.append({"values": {k: members[0]["values"].get(k) for k in others}, "n": len(errs),
+                       "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
+                       "min": min(errs), "max": max(errs), "rows": members})
     return groups
 
 
@@ -182,10 +218,31 @@ def _short(value):
     return f"{number:.4g}" if number is not None and len(str(value)) > 8 else value
 
 
+def _val_rate(r):
+    """Validation errors as a fraction of the split (raw counts where the size is not recorded)."""
+    return r["val_errors"] / r["val_size"] if r.get("val_size") else r["val_errors"]
+
+
 def best_by_validation(rows):
-    """The finished job with the fewest validation errors (the first of equals), or None."""
+    """The finished job with the lowest validation error rate (the first of equals), or None."""
     scored = [r for r in rows if r["status"] == "done" and r["val_errors"] is not None]
-    return min(scored, key=lambda r: r["val_errors"]) if scored else None
+    return min(scored, key=_val_rate) if scored else None
+
+
+def best_setting(rows, swept):
+    """(the group, of seed_groups, whose members' mean validation error rate is lowest: the first
+    of equals; the other groups tied with it), or None. A setting is chosen by all its seeds: one
+    lucky seed does not choose it, and its test errors are its seeds' mean."""
+    scored = []
+    for g in seed_groups(rows, swept):
+        validated = [r for r in g["rows"] if r["val_errors"] is not None]
+        if len(validated) == len(g["rows"]):
+            scored.append((statistics.mean(map(_val_rate, validated)), g))
+    if not scored:
+        return None
+    low = min(score for score, _ in scored)
+    tied = [g for score, g in scored if math.isclose(score, low, rel_tol=1e-12, abs_tol=1e-12)]
+    return tied[0], tied[1:]
 
 
 def markdown(rows, swept, fixed, groups=None):
@@ -209,12 +266,22 @@ def markdown(rows, swept, fixed, groups=None):
         for g in groups:
             lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
                                             f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
-    best = best_by_validation(rows)
-    if best is not None:
-        chosen = ", ".join(f"`{k}={_short(best['values'].get(k))}`" for k in swept if k != SEED) or "its settings"
-        lines += ["", f"Best by validation: {Path(best['job']).name.split('_', 1)[0]} ({chosen}), "
-                  f"{best['val_errors']} validation errors; its **{best['test_errors']} test errors** are the "
-                  "number to quote (the test set chose nothing)."]
+    found = best_setting(rows, swept)
+    if found is not None:
+        best, tied = found
+        setting = lambda g: ", ".join(f"`{k}={_short(v)}`" for k, v in g["values"].items()) or "its settings"  # noqa: E731
+        val = statistics.mean(r["val_errors"] for r in best["rows"])
+        tie = f" (tied on validation with {'; '.join(setting(g) for g in tied)}: the test set must not break the tie)" \
+            if tied else ""
+        jobs = ", ".join(Path(r["job"]).name.split("_", 1)[0] for r in best["rows"])
+        if best["n"] == 1:
+            (run,) = best["rows"]
+            lines += ["", f"Best by validation: {jobs} ({setting(best)}), {run['val_errors']} validation errors; its "
+                      f"**{run['test_errors']} test errors** are the number to quote (the test set chose nothing){tie}."]
+        else:  # runs of one setting: its seeds, or a search's repeated trials
+            lines += ["", f"Best by validation: {jobs} ({setting(best)}), {val:.1f} validation errors over its "
+                      f"{best['n']} runs; their mean **{best['mean']:.1f} test errors** is the number to quote (the "
+                      f"test set chose nothing){tie}."]
     counts = {s: sum(r["status"] == s for r in rows)
               for s in ("done", "failed", "stopped", "unfinished", "not started", "unreadable")}
     lines += ["", f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]

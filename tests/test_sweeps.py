@@ -116,7 +116,9 @@ def test_seed_groups_give_the_mean_and_sample_spread_of_each_setting():
     rows.append({"status": "failed", "values": {"T": "5", "seed": "2"}, "test_errors": None})
     groups = {g["values"]["T"]: g for g in seed_groups(rows, ["T", "seed"])}
     # seeds 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / (3 - 1) = 7
-    assert groups["2"] == {"values": {"T": "2"}, "n": 3, "mean": 3, "std": pytest.approx(7 ** 0.5), "min": 1, "max": 6}
+    summary = {k: v for k, v in groups["2"].items() if k != "rows"}
+    assert summary == {"values": {"T": "2"}, "n": 3, "mean": 3, "std": pytest.approx(7 ** 0.5), "min": 1, "max": 6}
+    assert [r["test_errors"] for r in groups["2"]["rows"]] == [1, 2, 6]
     assert groups["5"]["n"] == 2 and groups["5"]["mean"] == 4 and groups["5"]["std"] == 0
 
 
@@ -194,3 +196,55 @@ def test_a_job_that_failed_after_saving_a_state_is_failed_with_its_error(tmp_pat
     assert row["status"] == "failed" and "No space left on device" in row["error"]
     (job / "error.txt").unlink()
     assert read_job(job)["status"] == "stopped"
+
+
+def finished_job(folder, overrides, config, metrics):
+    """A job folder as a finished run leaves it: its Hydra record and its metrics.json."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    (folder / "metrics.json").write_text(json.dumps({"test_error_rate": metrics["test_errors"] / 200, **metrics}))
+
+
+def test_best_by_validation_is_the_setting_whose_seeds_do_best_not_one_lucky_seed(tmp_path):
+    # T=2: one lucky seed (10 validation errors) and a bad one (mean 20); T=5: 15 and 16 (mean 15.5)
+    for num, (t, seed, val, test) in enumerate([(2, 0, 10, 30), (2, 1, 30, 50), (5, 0, 15, 40), (5, 1, 16, 44)]):
+        finished_job(tmp_path / f"{num}_T={t},seed={seed}", [f"T={t}", f"seed={seed}"], {"T": t, "seed": seed},
+                     {"test_errors": test, "val_errors": val, "val_size": 1000})
+    text = report([tmp_path])
+    assert "Best by validation: 2, 3 (`T=5`), 15.5 validation errors over its 2 runs; their mean **42.0 test " \
+           "errors**" in text, text
+
+
+def test_best_by_validation_compares_error_rates_and_says_when_settings_tie(tmp_path):
+    # 10 of 1,000 (1%) beats 8 of 100 (8%); two settings at 1% tie: the test set may not break it
+    for num, (lr, val, size) in enumerate([(0.1, 8, 100), (0.2, 10, 1000), (0.3, 1, 100)]):
+        finished_job(tmp_path / f"{num}_lr={lr}", [f"lr={lr}"], {"lr": lr},
+                     {"test_errors": 20 + num, "val_errors": val, "val_size": size})
+    text = report([tmp_path])
+    assert "Best by validation: 1 (`lr=0.2`), 10 validation errors; its **21 test errors**" in text, text
+    assert "tied on validation with `lr=0.3`" in text
+
+
+def test_seeds_group_by_what_ran_typed_numbers_or_recipes_alike_and_never_across_stages(tmp_path):
+    # T=5 and T=5.0 are one setting; a hard-label student (no T, its own stage)
+    # and a distilled one are not seeds of one setting, nor are runs on different data
+    finished_job(tmp_path / "0_T=5", ["T=5", "seed=0"], {"T": 5, "seed": 0},
+                 {"test_errors": 10, "stage": "distill", "data_sha256": "a" * 64})
+    finished_job(tmp_path / "1_T=5.0", ["T=5.0", "seed=1"], {"T": 5.0, "seed": 1},
+                 {"test_errors": 20, "stage": "distill", "data_sha256": "a" * 64})
+    finished_job(tmp_path / "2_seed=0", ["seed=0"], {"seed": 0},
+                 {"test_errors": 100, "stage": "train-student", "data_sha256": "a" * 64})
+    finished_job(tmp_path / "3_T=5", ["T=5", "seed=2"], {"T": 5, "seed": 2},
+                 {"test_errors": 40, "stage": "distill", "data_sha256": "b" * 64})
+    finished_job(tmp_path / "4_seed=1", ["seed=1"], {"seed": 1},  # its config keys are a student's
+                 {"test_errors": 70, "stage": "train-teacher", "data_sha256": "a" * 64})
+    # records with no stage: a key that one config has and the other lacks still tells them apart
+    finished_job(tmp_path / "5_seed=0", ["seed=0"], {"seed": 0, "alpha": 0.5}, {"test_errors": 1000})
+    finished_job(tmp_path / "6_seed=1", ["seed=1"], {"seed": 1}, {"test_errors": 2000})
+    from kd_cli.report import rows_of, swept_keys
+
+    rows = rows_of([tmp_path])
+    swept, _ = swept_keys(rows)
+    groups = sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept))
+    assert groups == [(1, 40), (1, 70), (1, 100), (1, 1000), (1, 2000), (2, 15)], (swept, groups)
