@@ -229,6 +229,19 @@ SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_s
                            "never its objective")
 
 
+def sweep_in(overrides):
+    """The first override in the list that sweeps (T=2,5, seed=range(3), lr=interval(...)), as
+    typed; None when there is none or the list does not parse (kd itself then says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None
+    return next((o.input_line for o in parsed if o.is_sweep_override()), None)
+
+
 def _needs_multirun(stage, args):
     """The refusal of a sweep typed without -m, naming its first swept key."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

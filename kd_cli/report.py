@@ -3,8 +3,9 @@ for a grid, validation errors vs each searched parameter for a search, learning 
 
 Every job a sweep was launched with is a row (its multirun.yaml says which), and so is every
 other folder with a .hydra/ below the given paths. A job is `done` (metrics.json), `failed`
-(error.txt, or an ERROR line in its log), `stopped` (a state.pt to resume from), `unfinished`
-(killed before its first epoch ended, or still running), `not started` (the sweep ended first)
+(error.txt; or an ERROR line in its log, where it left no state.pt), `stopped` (a state.pt to
+resume from), `unfinished` (killed before its first epoch ended, or still running), `not started`
+(the sweep ended first)
 or `unreadable` (its records are damaged: the reason is in the row). No job is dropped.
 """
 import csv
@@ -67,10 +68,17 @@ def _job_order(path):
     return (str(path.parent), int(head) if head.isdigit() else math.inf, path.name)
 
 
-def _last_error(job):
+def _recorded_error(job):
+    """The last line of error.txt (kd writes it when a run fails, and removes it when it runs again)."""
     if (job / ERROR).exists():
         lines = (job / ERROR).read_text(errors="replace").strip().splitlines()
         return lines[-1] if lines else "failed (empty error.txt)"
+    return None
+
+
+def _logged_error(job):
+    """An ERROR line of the job's log: where error.txt could not be written. The log keeps every
+    attempt's lines, so it says failed only of a job that left nothing to resume."""
     for log in job.glob("*.log"):
         errors = [line for line in log.read_text(errors="replace").splitlines() if "ERROR" in line]
         if errors:
@@ -158,8 +166,9 @@ def read_job(job, launched_with=None):
         except (ValueError, OSError, AttributeError) as e:
             return _row(job, overrides, "unreadable", f"{METRICS}: {type(e).__name__}: {e}"[:200])
         return _row(job, overrides, "done", metrics=m)
-    error = _last_error(job)
-    status = "failed" if error else "stopped" if (job / STATE).exists() else "unfinished"
+    stopped = (job / STATE).exists()
+    error = _recorded_error(job) or (None if stopped else _logged_error(job))
+    status = "failed" if error else "stopped" if stopped else "unfinished"
     # a sweep's job continues with its sweep (resumed alone, it would record resume= as its own)
     again = f"continue with resume={job.parent}" if (job.parent / "multirun.yaml").is_file() else f"resume with resume={job}"
     return _row(job, overrides, status, error or (again if status == "stopped" else ""))
@@ -213,9 +222,11 @@ def seed_groups(rows, swept):
 
 
 def _short(value):
-    """A searched float at 4 significant digits for the table (report.csv keeps every digit)."""
+    """A searched float at 4 significant digits for the table (report.csv keeps every digit); an
+    integer (a seed of 123456789) as it is."""
     number = _number(value)
-    return f"{number:.4g}" if number is not None and len(str(value)) > 8 else value
+    whole = str(value).lstrip("-").isdigit()
+    return f"{number:.4g}" if number is not None and not whole and len(str(value)) > 8 else value
 
 
 def _val_rate(r):

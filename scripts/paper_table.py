@@ -31,8 +31,8 @@ from pathlib import Path
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
 from kd_cli.cli import installed, threads_per_job
 from kd_cli.errors import KDError
-from kd_cli.report import read_job, rows_of, seed_groups
-from kd_cli.preflight import quote_paths
+from kd_cli.report import rows_of, seed_groups
+from kd_cli.preflight import quote_paths, sweep_in
 from kd_cli.run import recorded_config, state_of
 
 PAPER = {"teacher": 67, "student": 146, "distilled": 74, "distilled_paper_setup": 74}
@@ -109,10 +109,8 @@ def refuse_failed(failed):
 
 
 def teacher_row(ckpt):
-    """The teacher's row: kd report's row of its run folder, or, for the shipped teacher (which has
-    no run folder), the metrics its checkpoint carries."""
-    if (ckpt.parent / ".hydra").is_dir():
-        return read_job(ckpt.parent)
+    """The teacher's row: the metrics its checkpoint carries (the file the students learn from; its
+    run folder's metrics.json may belong to another file, and the shipped teacher has no folder)."""
     m = load_checkpoint(ckpt)["metrics"]
     return {"job": str(ckpt), "status": "done", "values": {"seed": str(m["seed"])},
             **{k: m[k] for k in ("test_errors", "test_total", "train_seconds", "wall_seconds")}}
@@ -143,6 +141,12 @@ def main():
     args = ap.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"paper_table: error: --jobs is {args.jobs}; give 1 or more")
+    for flag in ("extra", "distill_extra", "teacher_extra"):  # a row is the seeds of one setting
+        swept = sweep_in(shlex.split(getattr(args, flag)))
+        if swept:
+            raise SystemExit(f"paper_table: error: --{flag.replace('_', '-')} {swept} is a sweep, and each row "
+                             "averages one setting over its seeds; give one value per call (another --out), or "
+                             "sweep with kd -m and compare with kd report")
 
     out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     extra = shlex.split(args.extra)
@@ -179,8 +183,8 @@ def main():
         raise SystemExit(f"runs that did not finish: {', '.join(unfinished)}")
     mean = {k: seed_groups(v, ["seed"])[0]["mean"] for k, v in rows.items()}
     gap = mean["student"] - mean["teacher"]
-    closed = {k: (mean["student"] - mean[k]) / gap if gap > 0 else float("nan")
-              for k in ("distilled", "distilled_paper_setup")}
+    # no gap (a smoke run's teacher as bad as its student): nothing to close, and no NaN in table.json
+    closed = {k: (mean["student"] - mean[k]) / gap if gap > 0 else None for k in ("distilled", "distilled_paper_setup")}
     names = {"teacher": "teacher 784-1200-1200-10, dropout, max-norm, jitter",
              "student": "student 784-800-800-10, hard labels",
              "distilled": "student 784-800-800-10, distilled, default recipe: " + recipe(rows["distilled"][0]),
@@ -194,10 +198,13 @@ def main():
                      f"{sum(r['train_seconds'] for r in v) / len(v):.0f} | "
                      f"{sum(r['wall_seconds'] for r in v) / len(v):.0f} |")
     lines.append("")
-    lines.append(f"Test errors out of {rows['teacher'][0]['test_total']}. Distillation closes "
-                 f"{100 * closed['distilled']:.0f}% of the student-teacher gap with the default recipe, "
-                 f"{100 * closed['distilled_paper_setup']:.0f}% in the paper's setup "
-                 f"(paper: {100 * (146 - 74) / (146 - 67):.0f}%). "
+    paper_closed = f"(paper: {100 * (146 - 74) / (146 - 67):.0f}%)"
+    if gap > 0:
+        verdict = (f"Distillation closes {100 * closed['distilled']:.0f}% of the student-teacher gap with the "
+                   f"default recipe, {100 * closed['distilled_paper_setup']:.0f}% in the paper's setup {paper_closed}.")
+    else:
+        verdict = f"The hard-label student has no more errors than the teacher: no gap to close {paper_closed}."
+    lines.append(f"Test errors out of {rows['teacher'][0]['test_total']}. {verdict} "
                  f"This call: {(time.time() - started) / 60:.1f} min wall"
                  f"{f', {args.jobs} student runs at a time' if args.jobs > 1 else ''}"
                  f"{' (teacher reused from ' + str(teacher_ckpt) + ', not retrained)' if args.teacher else ''}.")

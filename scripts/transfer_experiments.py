@@ -24,6 +24,7 @@ from pathlib import Path
 
 from kd_cli.checkpoint import newest_checkpoint, teacher_override
 from kd_cli.cli import installed
+from kd_cli.preflight import sweep_in
 from kd_cli.report import rows_of
 from kd_cli.teachers import TEACHER_STAGE
 
@@ -72,34 +73,35 @@ def best_on_validation(metrics):
 
 def bias_experiment(out, extra, teacher, preset, classes, paper_shift, paper, show):
     """Distill with a transfer-set preset, then evaluate with the paper's bias shift and with one
-    fitted on the validation split. `show(bias_record, 'before'|'after')` formats one cell."""
+    fitted on the validation split. `show(bias_record, 'before'|'after', test images)` formats one cell."""
     d = kd("distill", out / "distilled", f"experiment={preset}", *teacher, *extra)
     ckpt = out / "distilled" / "checkpoint.pt"
-    given = kd("evaluate", out / "paper-shift", f"checkpoint={ckpt}",
-               "bias_shift={" + ",".join(f"{c}:{paper_shift}" for c in classes) + "}")["bias"]
+    evaluated = kd("evaluate", out / "paper-shift", f"checkpoint={ckpt}",
+                   "bias_shift={" + ",".join(f"{c}:{paper_shift}" for c in classes) + "}")
+    given, total = evaluated["bias"], evaluated["test_total"]
     fitted = kd("evaluate", out / "fitted-shift", f"checkpoint={ckpt}",
                 f"fit_bias=[{','.join(map(str, classes))}]")["bias"]
     biases = " and ".join(f"{c}" for c in classes) + f"-bias{'es' if len(classes) > 1 else ''}"
     return [
         f"| distilled, transfer set `experiment={preset}` | paper | ours |", "| --- | --- | --- |",
-        f"| test errors | {paper[0]} | {show(given, 'before')} |",
-        f"| {biases} {paper_shift:+g} (the paper's value) | {paper[1]} | {show(given, 'after')} |",
+        f"| test errors | {paper[0]} | {show(given, 'before', total)} |",
+        f"| {biases} {paper_shift:+g} (the paper's value) | {paper[1]} | {show(given, 'after', total)} |",
         f"| {biases} {float(fitted['shift'][str(classes[0])]):+.2f}, fitted on the validation split | - | "
-        f"{show(fitted, 'after')} |",
+        f"{show(fitted, 'after', total)} |",
         "", f"Transfer set: {d['transfer']['size']} images, classes {d['transfer']['classes']}; "
             f"T={d['T']:g}, alpha={d['alpha']:g}; validation errors {fitted['val_errors_before']} -> "
             f"{fitted['val_errors_after']} of {fitted['val_size']}; distill wall {d['wall_seconds']:.0f} s."]
 
 
 def omit3(out, extra, teacher):
-    def show(b, k):
+    def show(b, k, total):
         return f"{b[k]['test_errors']} ({b[k]['on_shifted_classes']['errors']} of {b[k]['on_shifted_classes']['images']} 3s)"
     return bias_experiment(out, extra, teacher, "omit3", [3], 3.5, ["206 (133 of 1010 3s)", "109 (14 of 1010 3s)"], show)
 
 
 def only78(out, extra, teacher):
-    def show(b, k):
-        return f"{b[k]['test_errors'] / 100:.1f}% ({b[k]['test_errors']} errors)"  # of the 10,000 test images
+    def show(b, k, total):
+        return f"{100 * b[k]['test_errors'] / total:.1f}% ({b[k]['test_errors']} errors)"
     return bias_experiment(out, extra, teacher, "only78", [7, 8], -7.6, ["47.3%", "13.2%"], show)
 
 
@@ -165,6 +167,10 @@ def main():
     args = ap.parse_args()
     if args.resume and not args.out:
         raise SystemExit("transfer_experiments: error: --resume needs the --out of the call to continue")
+    swept = sweep_in(shlex.split(args.extra))
+    if swept:  # a table cell is one setting (width_vs_T would keep one seed of a swept seed per cell)
+        raise SystemExit(f"transfer_experiments: error: --extra {swept} is a sweep; give one value per call "
+                         "(another --out), or sweep with kd -m and compare with kd report")
     global RESUME
     RESUME = args.resume
     out = Path(args.out or f"outputs/transfer/{time.strftime('%Y-%m-%d_%H-%M-%S')}")

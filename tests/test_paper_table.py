@@ -209,15 +209,35 @@ def test_paper_table_means_and_gap_closed_by_hand(tmp_path, monkeypatch):
     md = (out / "table.md").read_text()
     assert "closes 82% of the student-teacher gap with the default recipe, 41% in the paper's setup" in md
     assert "| 11.5 | 10 (seed 0), 13 (seed 1) |" in md
+    # a teacher no better than the student (a smoke run): no gap, no NaN in table.json or the text
+    monkeypatch.setattr(script, "teacher_row", lambda ckpt: row(0, 20))
+    with contextlib.redirect_stdout(io.StringIO()):
+        script.main()
+    table = json.loads((out / "table.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in table.json"))
+    assert table["gap_closed"] == {"distilled": None, "distilled_paper_setup": None}
+    assert "no gap to close" in (out / "table.md").read_text() and "nan" not in (out / "table.md").read_text()
 
 
-def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path):
+def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path, monkeypatch):
     same = load_script("same_results")
     for name in ("before", "after"):
         kd("train-student", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / name / 'student'}")
     assert same.compare(tmp_path / "before" / "student", tmp_path / "after" / "student") == ""
     kd("train-student", "model.hidden=[16]", "epochs=1", "seed=1", f"hydra.run.dir={tmp_path / 'other' / 'student'}")
     assert same.compare(tmp_path / "before" / "student", tmp_path / "other" / "student") == "weights differ"
+    for name, ckpt in (("before", "before"), ("after", "after"), ("other", "other")):  # kd evaluate runs
+        kd("evaluate", f"checkpoint={tmp_path / ckpt / 'student' / 'checkpoint.pt'}",
+           f"hydra.run.dir={tmp_path / name / 'evaluated'}")
+    assert same.compare(tmp_path / "before" / "evaluated", tmp_path / "after" / "evaluated") == ""
+    assert "differ" in same.compare(tmp_path / "before" / "evaluated", tmp_path / "other" / "evaluated")
+    # a run missing from one side, or not finished in it, is not "the same"
+    (tmp_path / "after" / "evaluated" / "metrics.json").unlink()
+    shutil.copytree(tmp_path / "before" / "student", tmp_path / "before" / "extra")
+    monkeypatch.setattr(sys, "argv", ["same_results.py", str(tmp_path / "before"), str(tmp_path / "after")])
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stdout(io.StringIO()) as printed:
+        same.main()
+    assert e.value.code == 1 and "1 of 3 runs the same" in printed.getvalue(), printed.getvalue()
+    assert "DIFFERENT extra: only in" in printed.getvalue() and "evaluated: not finished" in printed.getvalue()
 
 
 def test_shipped_teacher_serves_teacher_pretrained_and_the_students_only_table(kd, tmp_path, tiny_root, monkeypatch):
@@ -371,3 +391,29 @@ def test_scripts_run_the_kd_installed_beside_their_python_not_only_one_on_path(t
     (venv_bin / "kd").unlink()  # a Python without kd beside it (a system one): the kd on PATH
     assert installed(["kd", "report", "x"]) == [str(on_path / "kd"), "report", "x"]
     assert installed(["python", "-c", "1"]) == ["python", "-c", "1"]
+
+
+@pytest.mark.parametrize("flag", ["--extra", "--distill-extra", "--teacher-extra"])
+def test_paper_table_refuses_a_sweep_in_its_overrides(flag, tmp_path, monkeypatch):
+    # a row is one setting's mean over seeds: T=3,8 would have averaged two temperatures into one row
+    script = load_script("paper_table")
+    patch_run(monkeypatch, script, lambda *a, **k: pytest.fail("ran a kd command"))
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", flag, "epochs=1 T=3,8", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert f"{flag} T=3,8 is a sweep" in str(e.value) and not (tmp_path / "t").exists()
+
+
+def test_the_teacher_row_is_the_checkpoints_own_metrics_not_its_folders(tmp_path):
+    # a folder's metrics.json may be another file's (a checkpoint copied in, a run finished again)
+    from kd_cli.checkpoint import save_checkpoint
+
+    script = load_script("paper_table")
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    (tmp_path / "metrics.json").write_text(json.dumps({"test_errors": 999, "test_error_rate": 0.0999}))
+    metrics = {"seed": 4, "test_errors": 65, "test_total": 10000, "train_seconds": 1.0, "wall_seconds": 2.0}
+    save_checkpoint(tmp_path / "checkpoint.pt", {"stage": "train-teacher", "arch": {"hidden": [4]}, "state_dict": {},
+                                                 "metrics": metrics})
+    row = script.teacher_row(tmp_path / "checkpoint.pt")
+    assert row["test_errors"] == 65 and row["values"]["seed"] == "4"

@@ -196,6 +196,13 @@ def test_a_job_that_failed_after_saving_a_state_is_failed_with_its_error(tmp_pat
     assert row["status"] == "failed" and "No space left on device" in row["error"]
     (job / "error.txt").unlink()
     assert read_job(job)["status"] == "stopped"
+    # an attempt that failed, then one that ran again and was stopped: the log keeps the first one's
+    # ERROR line, error.txt is gone (removed when it ran again), and the job is stopped, not failed
+    (job / "train-student.log").write_text("[2026-12-05 10:00:00][kd][ERROR] - job 0 failed: out of memory\n")
+    assert read_job(job)["status"] == "stopped"
+    (job / "state.pt").unlink()  # nothing to resume: the log's error is the last word
+    row = read_job(job)
+    assert row["status"] == "failed" and "out of memory" in row["error"]
 
 
 def finished_job(folder, overrides, config, metrics):
@@ -248,3 +255,9 @@ def test_seeds_group_by_what_ran_typed_numbers_or_recipes_alike_and_never_across
     swept, _ = swept_keys(rows)
     groups = sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept))
     assert groups == [(1, 40), (1, 70), (1, 100), (1, 1000), (1, 2000), (2, 15)], (swept, groups)
+
+
+def test_the_table_shortens_searched_floats_but_never_integers():
+    from kd_cli.report import _short
+
+    assert _short("0.0909812345") == "0.09098" and _short("123456789") == "123456789" and _short("-20") == "-20"

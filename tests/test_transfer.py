@@ -1,6 +1,7 @@
 """Transfer-set controls and bias correction (the paper's omitted-class and little-data studies)."""
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +270,9 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
 
     def fake_kd(stage, run_dir, *overrides):
         calls.append((stage, Path(run_dir).name, overrides))
-        if stage == "evaluate":
-            return bias(400, 180, (300, 30)) if Path(run_dir).name == "paper-shift" else bias(400, 150, (300, 20))
+        if stage == "evaluate":  # a test set of 5,000 images (data.test_limit): percentages are of it
+            shifted = bias(400, 180, (300, 30)) if Path(run_dir).name == "paper-shift" else bias(400, 150, (300, 20))
+            return {**shifted, "test_total": 5000}
         history = [{"epoch": 1, "val_errors": 50, "test_errors": 70}, {"epoch": 2, "val_errors": 40, "test_errors": 90},
                    {"epoch": 3, "val_errors": 45, "test_errors": 60}]
         return {"transfer": {"size": 50, "classes": [0, 1]}, "T": 20.0, "alpha": 0.1, "wall_seconds": 1.0,
@@ -285,7 +287,7 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
     calls.clear()
     only78 = "\n".join(script.only78(tmp_path, [], []))
     assert [c[2][1] for c in calls if c[1] == "paper-shift"] == ["bias_shift={7:-7.6,8:-7.6}"]
-    assert "-7.6 (the paper's value) | 13.2% | 1.8% (180 errors) |" in only78
+    assert "-7.6 (the paper's value) | 13.2% | 3.6% (180 errors) |" in only78
     little = script.little_data(tmp_path, [], [])
     assert all(line.endswith("| 60 | 90 (epoch 2) |") for line in little if line.startswith("| hard") or
                line.startswith("| soft"))
@@ -305,3 +307,15 @@ def test_a_fitted_shift_is_added_to_every_class_it_was_fitted_for():
     expected[:, [7, 8]] += record["shift"]["7"]
     torch.testing.assert_close(shifted, expected)
     assert record["after"]["on_shifted_classes"]["images"] == int(((test_y == 7) | (test_y == 8)).sum())
+
+
+@pytest.mark.parametrize("extra", ["seed=0,1", "T=range(2,4)", "lr=interval(0.1,1)"])
+def test_the_transfer_script_refuses_a_sweep_in_extra(extra, monkeypatch, capsys, tmp_path):
+    # width_vs_T keeps one run per (width, T) cell: a swept seed would silently keep only the last
+    script = load_script("transfer_experiments")
+    monkeypatch.setattr(script, "run", lambda *a: pytest.fail("ran a kd command"))
+    monkeypatch.setattr(sys, "argv", ["transfer_experiments.py", "width_vs_T", "--extra", f"epochs=1 {extra}",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert f"--extra {extra} is a sweep" in str(e.value) and not (tmp_path / "out").exists()
