@@ -11,6 +11,7 @@ LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al
 # a new loss: losses.py, stages.distill (loss_fn, the T it records, the Diverged hint),
 # teachers.SoftTargets.combined (what the student matches), conf/distill.yaml's comment
 SCHEDULES = ("onecycle", "cosine", "exponential", "constant")
+SGD_UPDATES = ("fused", "foreach")
 DATASETS = ("mnist", "fashion_mnist")  # data.DATASETS maps each to its folder; each has conf/data/<name>.yaml
 # Where the soft loss is computed accurately in float32: below 0.01 logits / T overflow for
 # logits of a few hundred; above 1000 KL(p || q) is smaller than float32's rounding of log p
@@ -93,6 +94,8 @@ SCHEMA = {
     "device": device(),
     "eval_batch_size": integer(1),
     "precision": choice("auto", "fp32", "bf16"),
+    "sgd_update": choice(*SGD_UPDATES),
+    "eval_every": integer(1),
     "resume": null_or(text()),
     # the model
     "model.hidden": widths(),

@@ -103,10 +103,10 @@ def learning_curves(path, rows, swept):
         label = ", ".join(f"{k}={r['values'].get(k)}" for k in swept) or r["job"].rsplit("/", 1)[-1]
         trained = [h for h in r["history"] if "loss" in h]
         line, = ax_loss.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], label=label)
-        ax_err.plot([h["epoch"] for h in r["history"]], [h["test_errors"] for h in r["history"]], color=line.get_color())
-        if all("val_errors" in h for h in r["history"]):
-            ax_err.plot([h["epoch"] for h in r["history"]], [h["val_errors"] for h in r["history"]], "--",
-                        color=line.get_color())
+        counted = [h for h in r["history"] if "test_errors" in h]  # every eval_every-th epoch
+        ax_err.plot([h["epoch"] for h in counted], [h["test_errors"] for h in counted], color=line.get_color())
+        if all("val_errors" in h for h in counted):
+            ax_err.plot([h["epoch"] for h in counted], [h["val_errors"] for h in counted], "--", color=line.get_color())
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
     ax_err.set(xlabel="epoch", ylabel="test errors (solid), validation errors (dashed)", yscale="log")
     for ax in (ax_loss, ax_err):

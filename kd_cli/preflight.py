@@ -133,7 +133,7 @@ def _is_hydra_key(override):
 
 
 # data and training keys the evaluate config composes (it shares conf/data) but does not read
-NOT_READ_BY_EVALUATE = ("precision", "data.jitter", "data.elastic", "data.transfer")
+NOT_READ_BY_EVALUATE = ("precision", "sgd_update", "eval_every", "data.jitter", "data.elastic", "data.transfer")
 
 
 def _check_read_by_evaluate(args, cfg):

@@ -110,7 +110,8 @@ def recipe_of(cfg):
                   warmup_epochs=float(o.warmup_epochs), lr_decay=float(o.lr_decay),
                   lr_times_one_minus_momentum=bool(o.lr_times_one_minus_momentum),
                   clip_grad_norm=None if o.get("clip_grad_norm") is None else float(o.clip_grad_norm),
-                  precision=cfg.precision, average_last_epochs=int(o.get("average_last_epochs") or 0))
+                  precision=cfg.precision, sgd_update=str(cfg.sgd_update),
+                  average_last_epochs=int(o.get("average_last_epochs") or 0))
 
 
 def elastic_of(cfg):

@@ -31,7 +31,7 @@ def _fit_and_finish(stage, cfg, out_dir, started, data, model, labels, loss_fn, 
     code_and_data = provenance.inputs(cfg)  # resume and a sweep's continuation check them
     result = train(model, train_x, labels, loss_fn, recipe_of(cfg), targets=targets,
                    max_norm=cfg.model.max_norm, jitter_pixels=int(cfg.data.jitter), elastic=elastic_of(cfg),
-                   evaluate=errors_fn(test_x, test_y, val, batch), desc=stage,
+                   evaluate=errors_fn(test_x, test_y, val, batch), eval_every=int(cfg.eval_every), desc=stage,
                    state_path=Path(out_dir) / run.STATE, state_extra={"stage": stage, "teacher": teacher,
                                                                   "precision": cfg.precision, **code_and_data},
                    started=started)

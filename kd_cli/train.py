@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import SCHEDULES
+from .config import SCHEDULES, SGD_UPDATES
 from .data import draw_shifts, elastic_distort, shift_images
 from .errors import KDError
 from .evaluate import NonFiniteOutputs
@@ -36,6 +36,7 @@ class Recipe:
     lr_times_one_minus_momentum: bool = False
     clip_grad_norm: float | None = None  # rescale a step whose gradient norm exceeds this
     precision: str = "fp32"     # bf16: the forward under bfloat16 autocast; all else float32
+    sgd_update: str = "fused"   # fused: one kernel for every parameter | foreach (rounds differently)
     average_last_epochs: int = 0  # end with the mean of the weights of the last N epochs' ends (0: off)
 
     def at(self, t):
@@ -81,15 +82,15 @@ def set_rng_state(state, device):
 
 
 def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_pixels=0, elastic=None,
-          evaluate=None, desc="train", state_path=None, state_extra=None, started=None):
+          evaluate=None, eval_every=1, desc="train", state_path=None, state_extra=None, started=None):
     """Train `model` in place on images x [N, 28, 28] with labels y [N] (None for an unlabeled
     transfer set: then no label reaches the loss) and, for a distilled student, `targets(idx, xb,
     shifts)`: what it must match on the batch of images idx, seen as xb, each image moved by its
     jitter code in shifts (None without jitter; data.draw_shifts) and, with `elastic` = (scale,
     sigma), distorted (data.elastic_distort): then targets must run the teacher on xb. Each step calls
-    loss_fn(logits, labels or None, targets or None). Before the first epoch and after each one
-    `evaluate(model)` gives a dict of error counts, kept in the history (epoch 0: the untrained
-    model) and shown on the bar.
+    loss_fn(logits, labels or None, targets or None). Before the first epoch, after every
+    `eval_every`th and after the last, `evaluate(model)` gives a dict of error counts, kept in the
+    history (epoch 0: the untrained model) and shown on the bar; every epoch's row has its loss.
 
     With `state_path`, the full training state (weights, optimizer, position, every RNG state) is
     saved there atomically after each epoch and when SIGINT/SIGTERM stops the run; if the file
@@ -106,11 +107,14 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     started = time.perf_counter() if started is None else started
     n, device = x.shape[0], x.device
     steps_per_epoch = math.ceil(n / recipe.batch_size)
-    # foreach: one multi-tensor update instead of a Python loop over parameters; on CPU torch
-    # defaults to the loop, and the foreach path does the same float operations (bitwise equal)
+    # on CPU torch defaults to a Python loop over the parameters; foreach does the loop's float
+    # operations (bitwise equal) in one multi-tensor call, fused in one kernel (faster; it rounds
+    # some updates differently, so runs draw otherwise)
+    if recipe.sgd_update not in SGD_UPDATES:
+        raise ValueError(f"train() needs sgd_update one of {', '.join(SGD_UPDATES)}, got {recipe.sgd_update!r}")
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay,
-                          foreach=True)
+                          **{recipe.sgd_update: True})
     # earlier_wall_seconds: the wall time of the invocations before this one, each counted up to
     # its last saved state, so a resumed run reports the time of the whole run, not its last part
     at = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0, "earlier_wall_seconds": 0.0, "invocations": 0,
@@ -205,7 +209,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                                f"(peak {recipe.lr:g}, {lr_now:.3g} when the epoch began) or set optim.clip_grad_norm=5")
             row = {"epoch": epoch + 1, "loss": round(mean_loss, 6)}
             averaged = average.after_epoch(model, epoch)
-            if evaluate is not None:
+            if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == recipe.epochs):
                 try:  # the loss was finite before the last step; the model after it may not be
                     row.update(evaluate(model))
                     if averaged:  # the averaged weights' errors beside the live ones'

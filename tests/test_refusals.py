@@ -338,6 +338,8 @@ def test_a_run_begun_with_a_key_added_with_plus_still_resumes(kd):
     (["train-student", "optim.warmup_epochs=abc"], "optim.warmup_epochs must be"),
     (["train-student", "eval_batch_size=0"], "eval_batch_size must be an integer >= 1"),
     (["train-student", "batch_size=0"], "batch_size must be an integer >= 1"),
+    (["train-student", "eval_every=0"], "eval_every must be an integer >= 1"),
+    (["distill", "sgd_update=adam"], "sgd_update must be one of"),
     (["train-teacher", "model.max_norm=-2"], "model.max_norm must be"),
     (["distill", "data.elastic.scale=-1"], "data.elastic.scale must be a number in [0, 200]"),
     (["train-student", "data.elastic.sigma=0"], "data.elastic.sigma must be a number in [0.1, 28]"),

@@ -109,6 +109,49 @@ def test_nesterov_momentum_and_weight_decay_act_on_the_first_step(nesterov):
     torch.testing.assert_close(m.out.bias.detach(), b0 - lr * (1 + momentum * nesterov) * g)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("sgd_update", ["fused", "foreach"])
+def test_both_sgd_updates_accumulate_momentum_as_written_by_hand(sgd_update, nesterov):
+    """loss = sum of the logits: the output bias's gradient is the batch size B at every step. With
+    buf_1 = g and buf_k = momentum_k * buf_(k-1) + g, each step moves b by lr_k * buf_k, or with
+    Nesterov momentum by lr_k * (g + momentum_k * buf_k); the momentum ramps and the lr halves per
+    epoch, so each step's own values must be the ones used."""
+    x, y = toy(20)
+    m = MLP(hidden=[8])
+    b = m.out.bias.detach().clone().double()
+    recipe = Recipe(epochs=3, batch_size=20, lr=0.01, momentum=0.9, momentum_start=0.5, momentum_ramp_epochs=2,
+                    nesterov=nesterov, schedule="exponential", lr_decay=0.5, sgd_update=sgd_update)
+    train(m, x, y, lambda z, t, _: z.sum(), recipe)
+    g, buf = 20.0, None
+    for k in range(3):
+        lr, momentum = recipe.at(k)
+        buf = g if buf is None else momentum * buf + g
+        b -= lr * (g + momentum * buf if nesterov else buf)
+    torch.testing.assert_close(m.out.bias.detach().double(), b, rtol=0, atol=1e-5)
+
+
+def test_sgd_update_chooses_torchs_implementation(monkeypatch):
+    made, real = [], torch.optim.SGD.__init__
+
+    def recording(self, params, **kwargs):
+        made.append({k: kwargs.get(k) for k in ("fused", "foreach")})
+        real(self, params, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "__init__", recording)
+    x, y = toy(20)
+    for update in ("fused", "foreach"):
+        train(MLP(hidden=[8]), x, y, hard_label_loss, Recipe(epochs=1, batch_size=20, lr=0.1, sgd_update=update))
+    assert made == [{"fused": True, "foreach": None}, {"fused": None, "foreach": True}]
+    with pytest.raises(ValueError, match="sgd_update"):
+        train(MLP(hidden=[8]), x, y, hard_label_loss, Recipe(epochs=1, batch_size=20, lr=0.1, sgd_update="adam"))
+
+
+def test_eval_every_counts_errors_every_nth_epoch_and_the_last_and_changes_no_weight():
+    (a, every), (b, third) = fit(0, epochs=7), fit(0, epochs=7, eval_every=3)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    assert [r["epoch"] for r in third["history"] if "test_errors" in r] == [0, 3, 6, 7]
+    assert [r.get("loss") for r in third["history"]] == [r.get("loss") for r in every["history"]]  # every epoch
+
+
 def test_max_norm_holds_before_every_step_not_only_at_the_end():
     """A large lr breaks the limit at every step; the constraint must restore it after each one,
     so every forward after the first sees hidden units of norm <= max_norm."""
