@@ -155,6 +155,7 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
     signal_at = signal_at_from_env()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if recipe.precision == "bf16" \
         else contextlib.nullcontext()
+    latest = {k: v for row in at["history"] for k, v in row.items()}  # the last loss and counts
     with stop_requests() as stop:
         for epoch in bar:
             start = time.perf_counter()
@@ -218,7 +219,8 @@ def train(model, x, y, loss_fn, recipe, *, targets=None, max_norm=None, jitter_p
                     raise Diverged(f"training diverged at epoch {epoch + 1}: {e}") from None
             at["history"].append(row)
             save(epoch + 1, 0, loss_sum, rng_epoch, mid_epoch=False)
-            bar.set_postfix({k: v for k, v in row.items() if k != "epoch"})
+            latest = {**latest, **row}  # the bar keeps the latest counted errors between counts
+            bar.set_postfix({k: v for k, v in latest.items() if k != "epoch"})
     if average.count:  # the run's result is the averaged model
         model.load_state_dict(average.mean)
     return {k: at[k] for k in ("history", "train_seconds", "earlier_wall_seconds", "invocations",

@@ -96,7 +96,7 @@ def run_all(runs, jobs):
 
 
 def in_order(runs, jobs):
-    """The student runs, longest first (the default recipe's 60 epochs of distillation, then the two
+    """The student runs, longest first (the default recipe's 120 epochs of distillation, then the two
     20-epoch rows), so that with --jobs the short runs fill in at the end; but the default recipe's
     first seed runs the teacher over the 25 shifted copies of the transfer set and keeps its logits
     for the other seeds (kd's teacher_cache), which wait for them: while it does, the other

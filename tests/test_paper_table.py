@@ -155,10 +155,10 @@ def test_paper_table_continues_its_own_stopped_teacher_and_keeps_it_once_finishe
     """Without --teacher the table trains its own: rerun after a stop, it resumes that teacher (kd
     would refuse a new run in its folder); rerun once it has finished, it trains no teacher again."""
     out, tiny = tmp_path / "table", ["epochs=2", "model.hidden=[16]"]
-    kd("train-teacher", "seed=0", *tiny, f"hydra.run.dir={out / 'teacher'}", check=False,
-       extra_env={"KD_TEST_SIGNAL_AT": "SIGTERM@2:0"})  # the table's teacher, stopped in its epoch 2
-    assert (out / "teacher" / "state.pt").exists() and not (out / "teacher" / "metrics.json").exists()
     script = load_script("paper_table")
+    kd("train-teacher", "seed=0", *tiny, f"eval_every={script.EVAL_EVERY}", f"hydra.run.dir={out / 'teacher'}",
+       check=False, extra_env={"KD_TEST_SIGNAL_AT": "SIGTERM@2:0"})  # the table's teacher, stopped in its epoch 2
+    assert (out / "teacher" / "state.pt").exists() and not (out / "teacher" / "metrics.json").exists()
     commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root)
     monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "1", "--extra", " ".join(tiny), "--out", str(out)])
     with contextlib.redirect_stdout(io.StringIO()):
