@@ -1,4 +1,5 @@
 """`kd <stage> [key=value ...]`: argv[1] picks the stage, the rest goes to Hydra."""
+import contextlib
 import json
 import logging
 import os
@@ -87,38 +88,44 @@ def _task(stage):
         hc = HydraConfig.get()
         _share_cores(hc)
         out, multirun = hc.runtime.output_dir, hc.mode == RunMode.MULTIRUN
-        log = logging.getLogger("kd")
-        if multirun:  # a sweep launched into its own folder again continues it
-            held = run.state_of(out)
-            if held == "finished":
-                print(f"job {hc.job.num} finished before; kept as it is", flush=True)
-                return json.loads(Path(out, run.METRICS).read_text())
-            if held == "stopped" and "resume" in cfg:
-                with open_dict(cfg):
-                    cfg.resume = out
-            Path(out, run.ERROR).unlink(missing_ok=True)  # a failed job runs again
-        try:
-            metrics = stages.STAGES[stage](cfg, out)
-        except Interrupted as e:  # state saved: say how to continue, and end the whole sweep
-            again = f"kd {stage} resume={hc.sweep.dir if multirun else out}"
-            _fail(f"{e}; state saved. Continue with: {again}" if e.saved else
-                  f"{e}; kd {stage} keeps no resumable state: run it again")
-            sys.exit(e.exit_code)
-        except Exception as e:
-            if not isinstance(e, KDError) and not multirun:
-                raise  # a bug: its traceback is what a report needs
-            message = str(e) if isinstance(e, KDError) else f"{type(e).__name__}: {e}"
-            if isinstance(e, Diverged):
-                run.record_failure(out, message)  # and no state.pt that invites resuming
-            else:
-                run.record_error(out, message)
-            if multirun:  # let the other jobs of the sweep run
-                log.error("job %s failed: %s", hc.job.num, message)
-                return None
-            _fail(message)
-            sys.exit(2)
-        print(f"test errors: {metrics['test_errors']} / {metrics['test_total']}", flush=True)
-        return metrics
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(run.hold(out))
+            except KDError as e:  # another process trains in this folder: write nothing into it
+                _fail(str(e))
+                sys.exit(2)
+            log = logging.getLogger("kd")
+            if multirun:  # a sweep launched into its own folder again continues it
+                held = run.state_of(out)
+                if held == "finished":
+                    print(f"job {hc.job.num} finished before; kept as it is", flush=True)
+                    return json.loads(Path(out, run.METRICS).read_text())
+                if held == "stopped" and "resume" in cfg:
+                    with open_dict(cfg):
+                        cfg.resume = out
+                Path(out, run.ERROR).unlink(missing_ok=True)  # a failed job runs again
+            try:
+                metrics = stages.STAGES[stage](cfg, out)
+            except Interrupted as e:  # state saved: say how to continue, and end the whole sweep
+                again = f"kd {stage} resume={hc.sweep.dir if multirun else out}"
+                _fail(f"{e}; state saved. Continue with: {again}" if e.saved else
+                      f"{e}; kd {stage} keeps no resumable state: run it again")
+                sys.exit(e.exit_code)
+            except Exception as e:
+                if not isinstance(e, KDError) and not multirun:
+                    raise  # a bug: its traceback is what a report needs
+                message = str(e) if isinstance(e, KDError) else f"{type(e).__name__}: {e}"
+                if isinstance(e, Diverged):
+                    run.record_failure(out, message)  # and no state.pt that invites resuming
+                else:
+                    run.record_error(out, message)
+                if multirun:  # let the other jobs of the sweep run
+                    log.error("job %s failed: %s", hc.job.num, message)
+                    return None
+                _fail(message)
+                sys.exit(2)
+            print(f"test errors: {metrics['test_errors']} / {metrics['test_total']}", flush=True)
+            return metrics
 
     return task
 

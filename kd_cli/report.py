@@ -3,9 +3,9 @@ for a grid, validation errors vs each searched parameter for a search, learning 
 
 Every job a sweep was launched with is a row (its multirun.yaml says which), and so is every
 other folder with a .hydra/ below the given paths. A job is `done` (metrics.json), `failed`
-(error.txt; or an ERROR line in its log, where it left no state.pt), `stopped` (a state.pt to
-resume from), `unfinished` (killed before its first epoch ended, or still running), `not started`
-(the sweep ended first)
+(error.txt; or an ERROR line in its log, where it left no state.pt), `running` (a kd process
+holds its lock), `stopped` (a state.pt to resume from), `unfinished` (killed before its first
+epoch ended), `not started` (the sweep ended first)
 or `unreadable` (its records are damaged: the reason is in the row). No job is dropped.
 """
 import csv
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from .errors import KDError
 from .plots import SEED, _number, learning_curves, plot, validation_plot
-from .run import ERROR, METRICS, RECORD, STATE, sweep_jobs
+from .run import ERROR, METRICS, RECORD, STATE, in_use, sweep_jobs
 from .run import is_search
 
 
@@ -166,6 +166,8 @@ def read_job(job, launched_with=None):
         except (ValueError, OSError, AttributeError) as e:
             return _row(job, overrides, "unreadable", f"{METRICS}: {type(e).__name__}: {e}"[:200])
         return _row(job, overrides, "done", metrics=m)
+    if in_use(job):  # its state.pt (if any) is the last epoch's, and it is still training
+        return _row(job, overrides, "running", "a kd process is training in it now")
     stopped = (job / STATE).exists()
     error = _recorded_error(job) or (None if stopped else _logged_error(job))
     status = "failed" if error else "stopped" if stopped else "unfinished"
@@ -294,7 +296,7 @@ def markdown(rows, swept, fixed, groups=None):
                       f"{best['n']} runs; their mean **{best['mean']:.1f} test errors** is the number to quote (the "
                       f"test set chose nothing){tie}."]
     counts = {s: sum(r["status"] == s for r in rows)
-              for s in ("done", "failed", "stopped", "unfinished", "not started", "unreadable")}
+              for s in ("done", "running", "failed", "stopped", "unfinished", "not started", "unreadable")}
     lines += ["", f"{len(rows)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ no run, `resume=` continues only a stopped one, and a run finishes by writing ch
 metrics.json (each whole or not at all) and dropping its resumable state. A sweep folder that
 already exists is continued job by job: finished jobs kept, stopped ones resumed, changed ones
 refused (cli.py checks this before Hydra writes anything)."""
+import contextlib
 import os
 import tempfile
 import time
@@ -19,6 +20,49 @@ METRICS = "metrics.json"      # the finished run's numbers
 ERROR = "error.txt"           # why a run failed, one line (kd report shows it)
 RECORD = ".hydra"             # Hydra's record of the run's config and overrides
 TEMPORARY = ("state.pt.*.tmp", "checkpoint.pt.*.tmp", "metrics.json.*.tmp")  # a write cut short
+LOCK = ".kd.lock"             # locked by the kd process training in the folder (POSIX flock)
+
+
+@contextlib.contextmanager
+def hold(folder):
+    """An exclusive lock on a run folder while a stage runs in it: a second kd process that would
+    train there (resume= typed in two terminals, a sweep continued while it still runs) is refused
+    instead of writing the same state.pt. Released when the stage ends or the process dies.
+    Without POSIX locks (Windows) nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(folder) / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KDError(in_use_message(folder)) from None
+        yield
+
+
+def in_use(folder):
+    """Whether another process holds the folder's lock now (never ask it of a folder this process
+    holds: flock would say yes)."""
+    path = Path(folder) / LOCK
+    try:
+        import fcntl
+
+        with open(path, "r") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except (ImportError, OSError):  # no lock file (never ran since locks came), or no POSIX locks
+        return False
+    return False
+
+
+def in_use_message(folder):
+    return (f"{folder} is in use: another kd process is training in it now; let it finish, or stop it "
+            "(Ctrl-C, kill) and then resume (nothing was changed)")
 
 
 def state_of(folder):
@@ -208,6 +252,8 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     for num, (job, folder) in enumerate(zip(jobs, folders)):
         if folder is None:
             continue  # never started: it runs
+        if in_use(folder):
+            raise KDError(in_use_message(folder))
         check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job))
     return to_run
 
@@ -292,4 +338,6 @@ def resume_overrides(stage, overrides):
     if started_as != stage:
         raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
     check_resume(run_dir)  # before Hydra rewrites anything in that folder
+    if in_use(run_dir):
+        raise KDError(in_use_message(run_dir))
     return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]

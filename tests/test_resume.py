@@ -304,3 +304,66 @@ def test_a_stopped_sweep_job_resumes_from_its_folder(kd, untouched):
     resumed = kd(RUN[0], f"resume={job}")
     assert resumed.stdout.strip().splitlines()[-1].startswith("test errors: ")
     assert_same_run(job, untouched)  # seed 0, as the untouched run
+
+
+@pytest.fixture
+def held_by_another(monkeypatch):
+    """Lock a run folder as a kd process training in it does. flock conflicts between two opens of
+    the file, in one process too, so no second process is needed."""
+    fcntl = pytest.importorskip("fcntl")
+    held = []
+
+    def hold(folder):
+        f = open(folder / ".kd.lock", "a")
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(f)
+    yield hold
+    for f in held:
+        f.close()
+
+
+def files_of(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_another_process_is_training_is_neither_resumed_nor_reported_stopped(kd, held_by_another):
+    run_dir = kd.cwd / "run"
+    kd(*RUN, f"hydra.run.dir={run_dir}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    held_by_another(run_dir)  # as if resume= were typed twice: the first one trains
+    before = files_of(run_dir)
+    proc = kd(RUN[0], f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "is in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert files_of(run_dir) == before  # its .hydra record untouched, no error.txt
+    report = kd("report", str(run_dir)).stdout
+    assert "| running |" in report and "| stopped |" not in report
+
+
+def test_a_sweep_with_a_job_another_process_is_training_is_not_continued(kd, held_by_another):
+    sweep = kd.cwd / "sweep"
+    kd(*RUN, "-m", "seed=0,4", f"hydra.sweep.dir={sweep}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    (job,) = sweep.glob("0_*")
+    held_by_another(job)
+    before = files_of(sweep)
+    proc = kd(RUN[0], f"resume={sweep}", check=False)
+    assert proc.returncode == 2 and "is in use" in proc.stderr and files_of(sweep) == before
+    # refused by the checks before Hydra starts (with a parallel launcher other jobs would start)
+    from kd_cli import run
+
+    with pytest.raises(KDError, match="is in use"):
+        run.check_sweep_continuation(RUN[0], sweep, run.sweep_jobs(["seed=0,4"]), lambda job: None)
+
+
+def test_a_run_whose_folder_was_taken_after_the_checks_writes_nothing_into_it(kd, held_by_another, monkeypatch):
+    # another process takes the folder between kd's checks and the stage's start: the stage is
+    # refused by the lock itself, and records no error in the other process's folder
+    from kd_cli import run
+
+    sweep = kd.cwd / "sweep"
+    kd(*RUN, "-m", "seed=0", f"hydra.sweep.dir={sweep}", extra_env=signal_at(signal.SIGINT, 2, 3), check=False)
+    (job,) = sweep.glob("0_*")
+    held_by_another(job)
+    monkeypatch.setattr(run, "in_use", lambda folder: False)  # the checks ran before it was taken
+    state = (job / "state.pt").read_bytes()
+    proc = kd(RUN[0], f"resume={sweep}", check=False)
+    assert proc.returncode == 2 and "is in use" in proc.stderr, proc.stderr
+    assert (job / "state.pt").read_bytes() == state and not (job / "error.txt").exists()
