@@ -43,8 +43,26 @@ def is_search_folder(sweep):
         return False
 
 
+def _job_num(job):
+    """A sweep job's number: the head of kd's folder name (<num>_<overrides>), else what Hydra
+    recorded (a custom hydra.sweep.subdir names folders otherwise); None when neither says."""
+    head = job.name.split("_", 1)[0]
+    if head.isdigit():
+        return int(head)
+    try:
+        return int(OmegaConf.load(job / RECORD / "hydra.yaml").hydra.job.num)
+    except Exception:  # a single run (no job number), or a damaged record
+        return None
+
+
+def _sweep_of(job, sweeps):
+    """The nearest folder above a job that holds a sweep's multirun.yaml, or None."""
+    return next((parent for parent in job.parents if parent in sweeps), None)
+
+
 def find_jobs(paths):
-    """[(job folder, overrides it was launched with or None)], every launched job included."""
+    """[(job folder, overrides it was launched with or None)], every launched job included: of
+    every sweep under the given folders (a folder of several sweeps too)."""
     jobs = {}
     for p in map(Path, paths):
         if not p.is_dir():
@@ -52,12 +70,14 @@ def find_jobs(paths):
         for h in sorted(p.rglob(RECORD)):
             if h.is_dir():
                 jobs.setdefault(h.parent, None)
-        for num, overrides in launched_jobs(p):
-            found = [j for j in jobs if j.parent == p and j.name.split("_", 1)[0] == str(num)]
-            if found:
-                jobs[found[0]] = overrides
-            else:  # the sweep ended before this job began: its folder was never made
-                jobs[p / f"{num}_{','.join(overrides)}"] = overrides
+        sweeps = {m.parent for m in p.rglob("multirun.yaml")}
+        for sweep in sorted(sweeps):
+            mine = {_job_num(j): j for j in jobs if _sweep_of(j, sweeps) == sweep}
+            for num, overrides in launched_jobs(sweep):
+                if num in mine:
+                    jobs[mine[num]] = overrides
+                else:  # the sweep ended before this job began: its folder was never made
+                    jobs[sweep / f"{num}_{','.join(overrides)}"] = overrides
     if not jobs:
         raise KDError(f"no kd runs (folders with .hydra/) under {', '.join(map(str, paths))}")
     return sorted(jobs.items(), key=lambda item: _job_order(item[0]))

@@ -3,6 +3,7 @@ job keeps the others' results; `kd report` lists every job and plots test errors
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,17 @@ def test_the_table_shortens_searched_floats_but_never_integers():
     from kd_cli.report import _short
 
     assert _short("0.0909812345") == "0.09098" and _short("123456789") == "123456789" and _short("-20") == "-20"
+
+
+def test_report_of_a_folder_of_sweeps_lists_each_sweeps_jobs_not_started_too(kd, tmp_path):
+    # two sweeps in one folder, each stopped before its second job; one names its job folders by
+    # a custom hydra.sweep.subdir: every launched job is a row, none twice, none invented
+    parent = tmp_path / "studies"
+    for name, subdir in (("a", []), ("b", ["hydra.sweep.subdir=run${hydra.job.num}"])):
+        kd("train-student", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={parent / name}", *subdir,
+           extra_env={"KD_TEST_SIGNAL_AT": "SIGINT@2:0"}, check=False)
+    assert (parent / "b" / "run0" / ".hydra").is_dir()
+    report([parent])
+    rows = list(csv.DictReader(open(parent / "report.csv")))
+    assert sorted((Path(r["job"]).parent.name, r["status"]) for r in rows) == [
+        ("a", "not started"), ("a", "stopped"), ("b", "not started"), ("b", "stopped")], rows
