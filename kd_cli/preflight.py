@@ -125,6 +125,8 @@ def check_search_continuation(stage, cfg, task, compose_trial):
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
     local = run.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
+        if run.in_use(trial):
+            raise KDError(run.in_use_message(trial))
         run.check_job_continues(trial, compose_trial, settles_here=local, again=again)
 
 

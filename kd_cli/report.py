@@ -266,8 +266,9 @@ def best_setting(rows, swept):
     """(the group, of seed_groups, whose members' mean validation error rate is lowest: the first
     of equals; the other groups tied with it), or None. A setting is chosen by all its seeds: one
     lucky seed does not choose it, and its test errors are its seeds' mean."""
+    order = {id(r): i for i, r in enumerate(rows)}  # job order: the first of equals is the first job's
     scored = []
-    for g in seed_groups(rows, swept):
+    for g in sorted(seed_groups(rows, swept), key=lambda g: min(order[id(r)] for r in g["rows"])):
         validated = [r for r in g["rows"] if r["val_errors"] is not None]
         if len(validated) == len(g["rows"]):
             scored.append((statistics.mean(map(_val_rate, validated)), g))
@@ -346,7 +347,8 @@ def report(paths, out=None):
     groups = seed_groups(rows, swept) if SEED in swept else None
     text = markdown(rows, swept, fixed, groups)
     if any(is_search_folder(p) for p in paths):
-        if validation_plot(out / "search.png", rows, swept, best_by_validation(rows)):
+        found = best_setting(rows, swept)
+        if validation_plot(out / "search.png", rows, swept, found[0]["rows"][0] if found else None):
             text += "\n\n![validation errors against each searched parameter](search.png)"
     elif plot(out / "report.png", rows, swept):
         text += "\n\n![test errors](report.png)"

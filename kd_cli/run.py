@@ -21,6 +21,7 @@ ERROR = "error.txt"           # why a run failed, one line (kd report shows it)
 RECORD = ".hydra"             # Hydra's record of the run's config and overrides
 TEMPORARY = ("state.pt.*.tmp", "checkpoint.pt.*.tmp", "metrics.json.*.tmp")  # a write cut short
 LOCK = ".kd.lock"             # locked by the kd process training in the folder (POSIX flock)
+LOCK_TRIES = 20               # 1 s of 50-ms tries before a held lock means another run trains there
 
 
 @contextlib.contextmanager
@@ -31,14 +32,22 @@ def hold(folder):
     Without POSIX locks (Windows) nothing is held."""
     try:
         import fcntl
-    except ImportError:
+
+        f = open(Path(folder) / LOCK, "a")
+    except (ImportError, OSError):  # no POSIX locks, or a folder the lock file cannot go in
         yield
         return
-    with open(Path(folder) / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KDError(in_use_message(folder)) from None
+    with f:
+        for attempt in range(LOCK_TRIES):  # in_use() holds it for microseconds: wait those out
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_TRIES - 1:
+                    raise KDError(in_use_message(folder)) from None
+                time.sleep(0.05)
+            except OSError:  # a filesystem without locks (some network mounts): run unlocked
+                break
         yield
 
 

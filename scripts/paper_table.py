@@ -30,7 +30,6 @@ from pathlib import Path
 
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
 from kd_cli.cli import installed, threads_per_job
-from kd_cli.config import typed_key
 from kd_cli.errors import KDError
 from kd_cli.report import rows_of, seed_groups
 from kd_cli.preflight import quote_paths, sweep_in
@@ -154,8 +153,8 @@ def main():
 
     out = Path(args.out or f"outputs/paper-table/{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     extra = shlex.split(args.extra)
-    if not any(typed_key(o) == "eval_every" for o in extra):
-        extra.append(f"eval_every={EVAL_EVERY}")
+    # the table's eval_every first: one typed in any --*extra comes later and wins (Hydra: the last value)
+    table = [f"eval_every={EVAL_EVERY}"]
     seeds = list(dict.fromkeys(args.seeds))  # a seed given twice would run twice into one folder
     started = time.time()
     if args.teacher:
@@ -166,12 +165,13 @@ def main():
     else:
         teacher_ckpt = out / "teacher" / "checkpoint.pt"
     teacher = f"teacher={teacher_override(args.teacher or teacher_ckpt)}"
-    rows_to_run = {"distilled": ("distill", out / "distilled", [teacher, *shlex.split(args.distill_extra), *extra]),
-                   "distilled_paper_setup": ("distill", out / "distilled-paper-setup", ["recipe=paper", teacher, *extra]),
-                   "student": ("train-student", out / "student", extra)}
+    rows_to_run = {"distilled": ("distill", out / "distilled", [*table, teacher, *shlex.split(args.distill_extra), *extra]),
+                   "distilled_paper_setup": ("distill", out / "distilled-paper-setup", [*table, "recipe=paper", teacher, *extra]),
+                   "student": ("train-student", out / "student", [*table, *extra])}
     try:
         if not args.teacher:
-            own = teacher_run(teacher_ckpt.parent, [f"seed={args.teacher_seed}", *extra, *shlex.split(args.teacher_extra)])
+            own = teacher_run(teacher_ckpt.parent, [f"seed={args.teacher_seed}", *table, *extra,
+                                                    *shlex.split(args.teacher_extra)])
             refuse_failed(run_all([own], 1) if own else [])
         refuse_failed(run_all(in_order({k: [seed_run(stage, folder, seed, overrides) for seed in seeds]
                                         for k, (stage, folder, overrides) in rows_to_run.items()}, args.jobs),

@@ -134,6 +134,7 @@ def bad_teachers(tmp_path):
     (["evaluate", "checkpoint=pretrained", "data.jitter=2"], "kd evaluate does not read data.jitter"),
     (["evaluate", "checkpoint=pretrained", "precision=bf16"], "kd evaluate does not read precision"),
     (["evaluate", "checkpoint=pretrained", "eval_every=5"], "kd evaluate does not read eval_every"),
+    (["evaluate", "checkpoint=pretrained", "sgd_update=foreach"], "kd evaluate does not read sgd_update"),
 ])
 def test_bad_input_is_one_line_and_no_checkpoint(kd, bad_teachers, tmp_path, args, says):
     (tmp_path / "empty").mkdir()

@@ -156,7 +156,7 @@ def test_paper_table_continues_its_own_stopped_teacher_and_keeps_it_once_finishe
     would refuse a new run in its folder); rerun once it has finished, it trains no teacher again."""
     out, tiny = tmp_path / "table", ["epochs=2", "model.hidden=[16]"]
     script = load_script("paper_table")
-    kd("train-teacher", "seed=0", *tiny, f"eval_every={script.EVAL_EVERY}", f"hydra.run.dir={out / 'teacher'}",
+    kd("train-teacher", "seed=0", f"eval_every={script.EVAL_EVERY}", *tiny, f"hydra.run.dir={out / 'teacher'}",
        check=False, extra_env={"KD_TEST_SIGNAL_AT": "SIGTERM@2:0"})  # the table's teacher, stopped in its epoch 2
     assert (out / "teacher" / "state.pt").exists() and not (out / "teacher" / "metrics.json").exists()
     commands = kd_in_process(script, monkeypatch, tmp_path, tiny_root)
@@ -417,3 +417,23 @@ def test_the_teacher_row_is_the_checkpoints_own_metrics_not_its_folders(tmp_path
                                                  "metrics": metrics})
     row = script.teacher_row(tmp_path / "checkpoint.pt")
     assert row["test_errors"] == 65 and row["values"]["seed"] == "4"
+
+
+def test_paper_table_counts_errors_every_10th_epoch_unless_an_extra_says_otherwise(tmp_path, monkeypatch):
+    script = load_script("paper_table")
+    monkeypatch.setattr(script, "resolve_pretrained", lambda p: p)
+    monkeypatch.setattr(script, "teacher_override", lambda p: str(p))
+    ran = []
+
+    def run_all(runs, jobs):
+        ran.extend(cmd for cmd, _ in runs)
+        raise KeyboardInterrupt  # enough: the commands are what this test reads
+    monkeypatch.setattr(script, "run_all", run_all)
+    monkeypatch.setattr(sys, "argv", ["paper_table.py", "--seeds", "0", "--teacher", "t.pt", "--distill-extra",
+                                      "eval_every=1", "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit):
+        script.main()
+    # Hydra takes a key's last value: the default recipe's row counts every epoch, the others every 10th
+    last = {cmd[1] + ("-paper" if "recipe=paper" in cmd else ""): [o for o in cmd if o.startswith("eval_every=")][-1]
+            for cmd in ran}
+    assert last == {"distill": "eval_every=1", "distill-paper": "eval_every=10", "train-student": "eval_every=10"}

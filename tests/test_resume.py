@@ -335,7 +335,7 @@ def test_a_run_another_process_is_training_is_neither_resumed_nor_reported_stopp
     assert proc.returncode == 2 and "is in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert files_of(run_dir) == before  # its .hydra record untouched, no error.txt
     report = kd("report", str(run_dir)).stdout
-    assert "| running |" in report and "| stopped |" not in report
+    assert "| running |" in report and "| stopped |" not in report and "1 jobs: 1 running" in report
 
 
 def test_a_sweep_with_a_job_another_process_is_training_is_not_continued(kd, held_by_another):
@@ -367,3 +367,15 @@ def test_a_run_whose_folder_was_taken_after_the_checks_writes_nothing_into_it(kd
     proc = kd(RUN[0], f"resume={sweep}", check=False)
     assert proc.returncode == 2 and "is in use" in proc.stderr, proc.stderr
     assert (job / "state.pt").read_bytes() == state and not (job / "error.txt").exists()
+
+
+def test_a_folder_on_a_filesystem_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    # some network mounts answer flock with ENOLCK: kd trains there as it did before locks
+    fcntl = pytest.importorskip("fcntl")
+    from kd_cli import run
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with run.hold(tmp_path):
+        assert not run.in_use(tmp_path)

@@ -237,10 +237,9 @@ def test_best_by_validation_compares_error_rates_and_says_when_settings_tie(tmp_
 def test_seeds_group_by_what_ran_typed_numbers_or_recipes_alike_and_never_across_stages(tmp_path):
     # T=5 and T=5.0 are one setting; a hard-label student (no T, its own stage)
     # and a distilled one are not seeds of one setting, nor are runs on different data
-    finished_job(tmp_path / "0_T=5", ["T=5", "seed=0"], {"T": 5, "seed": 0},
-                 {"test_errors": 10, "stage": "distill", "data_sha256": "a" * 64})
-    finished_job(tmp_path / "1_T=5.0", ["T=5.0", "seed=1"], {"T": 5.0, "seed": 1},
-                 {"test_errors": 20, "stage": "distill", "data_sha256": "a" * 64})
+    same = {"stage": "distill", "data_sha256": "a" * 64, "precision": "bf16", "threads": 2}
+    finished_job(tmp_path / "0_T=5", ["T=5", "seed=0"], {"T": 5, "seed": 0}, {"test_errors": 10, **same})
+    finished_job(tmp_path / "1_T=5.0", ["T=5.0", "seed=1"], {"T": 5.0, "seed": 1}, {"test_errors": 20, **same})
     finished_job(tmp_path / "2_seed=0", ["seed=0"], {"seed": 0},
                  {"test_errors": 100, "stage": "train-student", "data_sha256": "a" * 64})
     finished_job(tmp_path / "3_T=5", ["T=5", "seed=2"], {"T": 5, "seed": 2},
@@ -250,12 +249,17 @@ def test_seeds_group_by_what_ran_typed_numbers_or_recipes_alike_and_never_across
     # records with no stage: a key that one config has and the other lacks still tells them apart
     finished_job(tmp_path / "5_seed=0", ["seed=0"], {"seed": 0, "alpha": 0.5}, {"test_errors": 1000})
     finished_job(tmp_path / "6_seed=1", ["seed=1"], {"seed": 1}, {"test_errors": 2000})
+    # the same command in another precision, or at another thread count: other float rounding
+    finished_job(tmp_path / "7_T=5", ["T=5", "seed=3"], {"T": 5, "seed": 3},
+                 {"test_errors": 3000, **same, "precision": "fp32"})
+    finished_job(tmp_path / "8_T=5", ["T=5", "seed=4"], {"T": 5, "seed": 4},
+                 {"test_errors": 4000, **same, "threads": 1})
     from kd_cli.report import rows_of, swept_keys
 
     rows = rows_of([tmp_path])
     swept, _ = swept_keys(rows)
     groups = sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept))
-    assert groups == [(1, 40), (1, 70), (1, 100), (1, 1000), (1, 2000), (2, 15)], (swept, groups)
+    assert groups == [(1, 40), (1, 70), (1, 100), (1, 1000), (1, 2000), (1, 3000), (1, 4000), (2, 15)], (swept, groups)
 
 
 def test_the_table_shortens_searched_floats_but_never_integers():
@@ -276,3 +280,27 @@ def test_report_of_a_folder_of_sweeps_lists_each_sweeps_jobs_not_started_too(kd,
     rows = list(csv.DictReader(open(parent / "report.csv")))
     assert sorted((Path(r["job"]).parent.name, r["status"]) for r in rows) == [
         ("a", "not started"), ("a", "stopped"), ("b", "not started"), ("b", "stopped")], rows
+
+
+def test_of_settings_tied_on_validation_the_first_jobs_is_quoted_not_the_first_in_text_order(tmp_path):
+    # T=2 is job 0 and T=10 job 1, both 20 of 1,000 on validation: "10.0" sorts before "2.0" as text
+    for num, t in enumerate([2.0, 10.0]):
+        finished_job(tmp_path / f"{num}_T={t}", [f"T={t}"], {"T": t},
+                     {"test_errors": 40 + num, "val_errors": 20, "val_size": 1000})
+    text = report([tmp_path])
+    assert "Best by validation: 0 (`T=2.0`), 20 validation errors; its **40 test errors**" in text, text
+    assert "tied on validation with `T=10.0`" in text
+
+
+def test_a_training_runs_history_and_curves_follow_eval_every_and_its_weights_do_not(kd, tmp_path):
+    from kd_cli.checkpoint import load_checkpoint
+
+    for every in (1, 2):
+        kd("train-student", *SMALL, "epochs=3", f"eval_every={every}", f"hydra.run.dir={tmp_path / str(every)}")
+    history = json.loads((tmp_path / "2" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history if "test_errors" in h] == [0, 2, 3]
+    assert [h["epoch"] for h in history if "loss" in h] == [1, 2, 3]
+    a, b = (load_checkpoint(tmp_path / str(every) / "checkpoint.pt")["state_dict"] for every in (1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the real evaluation, every epoch or not, changes nothing
+    report([tmp_path / "2"])
+    assert (tmp_path / "2" / "curves.png").stat().st_size > 1000

@@ -274,7 +274,7 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
             shifted = bias(400, 180, (300, 30)) if Path(run_dir).name == "paper-shift" else bias(400, 150, (300, 20))
             return {**shifted, "test_total": 5000}
         history = [{"epoch": 1, "val_errors": 50, "test_errors": 70}, {"epoch": 2, "val_errors": 40, "test_errors": 90},
-                   {"epoch": 3, "val_errors": 45, "test_errors": 60}]
+                   {"epoch": 3, "val_errors": 45, "test_errors": 60}, {"epoch": 4, "loss": 0.1}]  # not counted (eval_every)
         return {"transfer": {"size": 50, "classes": [0, 1]}, "T": 20.0, "alpha": 0.1, "wall_seconds": 1.0,
                 "epochs": 3, "test_errors": 60, "history": history}
     monkeypatch.setattr(script, "kd", fake_kd)
