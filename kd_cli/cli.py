@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from . import run
 from .config import typed_key
 from .errors import KDError
-from .preflight import CONFIG_MODULE, check_overrides, quote_paths
+from .preflight import CONFIG_MODULE, check_overrides, quote_paths, sweep_in
 
 # stage -> (primary config name, one line for `kd --help`). A new stage: this, stages.STAGES (its
 # function), conf/<config>.yaml with hydra.job.name = the stage, and preflight.SEARCHABLE if it
@@ -173,6 +173,11 @@ def main(argv=None):
     shows_one_job = [a for a in overrides if a.split("=")[0] in INSPECT_FLAGS and a not in ("--help", "-h", "--hydra-help")]
     if shows_one_job and any(o in ("-m", "--multirun") for o in overrides):
         _fail(f"{shows_one_job[0]} shows one job: drop -m, and give one value per key")
+        return 2
+    typed = [o for o in overrides if "=" in o and not o.startswith("-")]  # not the flags' own words (job)
+    swept = sweep_in(quote_paths(typed)) if shows_one_job else None
+    if swept:  # Hydra would end in a three-line error
+        _fail(f"{shows_one_job[0]} shows one job: {swept} sweeps; give one value per key")
         return 2
     try:
         if not inspect_only:

@@ -40,6 +40,9 @@ def _composition_message(stage, e):
     text = " ".join(str(e).split())
     cause = " ".join(str(e.__cause__).split()) if e.__cause__ else ""
     for msg in (text, cause):
+        if "Could not append" in msg and "already" in msg:  # +T=5: T is a key already
+            key = msg.split("'")[1] if "'" in msg else msg
+            return f"{key} is already a key of kd {stage}: set it without + ({key}=...)"
         if "not in struct" in msg or "Could not override" in msg or "Could not append" in msg:
             key = msg.split("'")[1] if "'" in msg else msg
             if key == "experiment":  # the presets switch to a student's recipe (recipe=paper)
