@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .config import typed_key
 from .errors import KDError
 from .plots import SEED, _number, learning_curves, plot, validation_plot
 from .run import ERROR, METRICS, RECORD, STATE, in_use, sweep_jobs
@@ -55,6 +56,16 @@ def _job_num(job):
         return None
 
 
+def _dirname(sweep, overrides):
+    """The overrides part of the folder name Hydra would have given a job: sorted, without the
+    keys the sweep excludes (paths: a slash would nest folders)."""
+    try:
+        excluded = set(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra.job.config.override_dirname.exclude_keys)
+    except Exception:  # a damaged record: leave nothing out but what cannot be in a name
+        excluded = set()
+    return ",".join(sorted(o for o in overrides if typed_key(o) not in excluded)).replace("/", "_")
+
+
 def _sweep_of(job, sweeps):
     """The nearest folder above a job that holds a sweep's multirun.yaml, or None."""
     return next((parent for parent in job.parents if parent in sweeps), None)
@@ -77,7 +88,7 @@ def find_jobs(paths):
                 if num in mine:
                     jobs[mine[num]] = overrides
                 else:  # the sweep ended before this job began: its folder was never made
-                    jobs[sweep / f"{num}_{','.join(overrides)}"] = overrides
+                    jobs[sweep / f"{num}_{_dirname(sweep, overrides)}"] = overrides
     if not jobs:
         raise KDError(f"no kd runs (folders with .hydra/) under {', '.join(map(str, paths))}")
     return sorted(jobs.items(), key=lambda item: _job_order(item[0]))

@@ -268,18 +268,20 @@ def test_the_table_shortens_searched_floats_but_never_integers():
     assert _short("0.0909812345") == "0.09098" and _short("123456789") == "123456789" and _short("-20") == "-20"
 
 
-def test_report_of_a_folder_of_sweeps_lists_each_sweeps_jobs_not_started_too(kd, tmp_path):
+def test_report_of_a_folder_of_sweeps_lists_each_sweeps_jobs_not_started_too(kd, tmp_path, tiny_root):
     # two sweeps in one folder, each stopped before its second job; one names its job folders by
     # a custom hydra.sweep.subdir: every launched job is a row, none twice, none invented
     parent = tmp_path / "studies"
     for name, subdir in (("a", []), ("b", ["hydra.sweep.subdir=run${hydra.job.num}"])):
-        kd("train-student", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={parent / name}", *subdir,
-           extra_env={"KD_TEST_SIGNAL_AT": "SIGINT@2:0"}, check=False)
+        kd("train-student", "-m", "seed=0,1", *SMALL, f"data.root={tiny_root}", f"hydra.sweep.dir={parent / name}",
+           *subdir, extra_env={"KD_TEST_SIGNAL_AT": "SIGINT@2:0"}, check=False)
     assert (parent / "b" / "run0" / ".hydra").is_dir()
     report([parent])
     rows = list(csv.DictReader(open(parent / "report.csv")))
     assert sorted((Path(r["job"]).parent.name, r["status"]) for r in rows) == [
         ("a", "not started"), ("a", "stopped"), ("b", "not started"), ("b", "stopped")], rows
+    # named as Hydra would have named it: sorted, without the excluded path (data.root)
+    assert (parent / "a" / "1_batch_size=50,epochs=2,model.hidden=[16],seed=1").as_posix() in {r["job"] for r in rows}
 
 
 def test_of_settings_tied_on_validation_the_first_jobs_is_quoted_not_the_first_in_text_order(tmp_path):
