@@ -20,10 +20,9 @@ CONFIG_MODULE = "kd_cli.conf"
 def _first_values(overrides):
     """The overrides with each sweep (a,b,c) cut to its first value; and, per swept key, the
     override line of each of its values (of a search's range, its two ends)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     single, sweeps = [], {}
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in run.overrides_parser().parse_overrides(overrides):
         if o.is_interval_sweep():  # a search's range: check its two ends
             values = [o.value().start, o.value().end]
         elif o.is_sweep_override():
@@ -237,11 +236,10 @@ SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_s
 def sweep_in(overrides):
     """The first override in the list that sweeps (T=2,5, seed=range(3), lr=interval(...)), as
     typed; None when there is none or the list does not parse (kd itself then says why)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        parsed = run.overrides_parser().parse_overrides(list(overrides))
     except HydraException:
         return None
     return next((o.input_line for o in parsed if o.is_sweep_override()), None)
@@ -249,9 +247,8 @@ def sweep_in(overrides):
 
 def _needs_multirun(stage, args):
     """The refusal of a sweep typed without -m, naming its first swept key."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    o = next(o for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override())
+    o = next(o for o in run.overrides_parser().parse_overrides(args) if o.is_sweep_override())
     if o.is_interval_sweep():
         return (f"{o.input_line} is a search range: it takes a search, kd {stage} -m "
                 f"hparams_search={stage.replace('-', '_')} ... (conf/hparams_search/)")
@@ -266,7 +263,6 @@ def check_overrides(stage, config_name, overrides):
     sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
     folder ends in one line, with no folder made or changed."""
     from hydra import compose, initialize_config_module
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import open_dict
 
     multirun = any(o in ("-m", "--multirun") for o in overrides)
@@ -286,7 +282,7 @@ def check_overrides(stage, config_name, overrides):
                 """The config of a job whose keys in `lines` take those values, the others their first:
                 the values set on the config of the job's config-group choices (model=teacher), which
                 is composed once for each such choice (75 ms)."""
-                parsed = OverridesParser.create().parse_overrides(list(lines))
+                parsed = run.overrides_parser().parse_overrides(list(lines))
                 groups = tuple(line for line, o in zip(lines, parsed) if o.key_or_group in cfg.hydra.runtime.choices)
                 if groups not in composed:
                     keys = {typed_key(g) for g in groups}

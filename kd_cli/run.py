@@ -164,9 +164,19 @@ def sweep_jobs(task_overrides):
     """The overrides of each job a basic-sweeper sweep of these task overrides launches, in
     Hydra's own order (job i runs the i-th), from Hydra's own splitting."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return BasicSweeper.split_arguments(overrides_parser().parse_overrides(list(task_overrides)), None)[0]
+
+
+def overrides_parser():
+    """Hydra's override parser, with the config loader of the Hydra context that is initialized
+    (kd's preflight composes in one), so that a glob() sweep of a config group can list its
+    options, as Hydra's own sweeper does; without one, glob() cannot be read."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(list(task_overrides)), None)[0]
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    return OverridesParser.create(config_loader=loader)
 
 
 def check_writable(folder):

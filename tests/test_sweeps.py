@@ -306,3 +306,14 @@ def test_a_training_runs_history_and_curves_follow_eval_every_and_its_weights_do
     assert all(torch.equal(a[k], b[k]) for k in a)  # the real evaluation, every epoch or not, changes nothing
     report([tmp_path / "2"])
     assert (tmp_path / "2" / "curves.png").stat().st_size > 1000
+
+
+def test_a_glob_sweep_of_a_config_group_runs_and_continues(kd, teacher):
+    # glob() lists a config group's options: preflight reads it as Hydra's sweeper does
+    sweep = kd.cwd / "glob"
+    args = ["distill", "-m", "recipe=glob(pa*)", f"teacher={teacher}", *SMALL, f"hydra.sweep.dir={sweep}"]
+    kd(*args)
+    (job,) = jobs_of(sweep)
+    assert "recipe=paper" in job.name and (job / "metrics.json").is_file()
+    again = kd(*args)  # the same sweep into its folder: kept, not run again
+    assert "finished before; kept as it is" in again.stdout
