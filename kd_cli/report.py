@@ -167,8 +167,10 @@ def _as_run(job, m):
 
 def _row(job, overrides, status, error="", metrics=None):
     m = metrics or {}
-    typed = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
     config = _config_of(job)
+    # a typed map (bias_shift={3:3.5}) is in the config as its dotted keys (bias_shift.3): one column
+    typed = {k: v for k, v in (o.split("=", 1) for o in overrides or [] if "=" in o)
+             if not (v.startswith("{") and any(c.startswith(f"{k}.") for c in config))}
     return {"job": str(job), "overrides": typed, "configured": bool(config),
             # what the job ran with: its config (so T=20 from a recipe counts like a typed T=20),
             # the typed overrides on top (config groups such as recipe=paper live only there), and

@@ -317,3 +317,14 @@ def test_a_glob_sweep_of_a_config_group_runs_and_continues(kd, teacher):
     assert "recipe=paper" in job.name and (job / "metrics.json").is_file()
     again = kd(*args)  # the same sweep into its folder: kept, not run again
     assert "finished before; kept as it is" in again.stdout
+
+
+def test_a_typed_map_is_one_axis_of_the_report_not_two(tmp_path):
+    # bias_shift={3:3.5} typed, and bias_shift.3: 3.5 in the job's config: one swept column
+    for num, shift in enumerate([3.5, 2.0]):
+        finished_job(tmp_path / f"{num}_bias_shift={{3:{shift}}}", [f"bias_shift={{3:{shift}}}"],
+                     {"bias_shift": {3: shift}}, {"test_errors": 10 + num})
+    from kd_cli.report import rows_of, swept_keys
+
+    swept, _ = swept_keys(rows_of([tmp_path]))
+    assert swept == ["bias_shift.3"], swept
