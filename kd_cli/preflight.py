@@ -20,7 +20,6 @@ CONFIG_MODULE = "kd_cli.conf"
 def _first_values(overrides):
     """The overrides with each sweep (a,b,c) cut to its first value; and, per swept key, the
     override line of each of its values (of a search's range, its two ends)."""
-
     single, sweeps = [], {}
     for o in run.overrides_parser().parse_overrides(overrides):
         if o.is_interval_sweep():  # a search's range: check its two ends
@@ -127,8 +126,7 @@ def check_search_continuation(stage, cfg, task, compose_trial):
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
     local = run.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
-        if run.in_use(trial):
-            raise KDError(run.in_use_message(trial))
+        run.check_not_in_use(trial)
         run.check_job_continues(trial, compose_trial, settles_here=local, again=again)
 
 
@@ -247,7 +245,6 @@ def sweep_in(overrides):
 
 def _needs_multirun(stage, args):
     """The refusal of a sweep typed without -m, naming its first swept key."""
-
     o = next(o for o in run.overrides_parser().parse_overrides(args) if o.is_sweep_override())
     if o.is_interval_sweep():
         return (f"{o.input_line} is a search range: it takes a search, kd {stage} -m "

@@ -56,13 +56,17 @@ def _job_num(job):
         return None
 
 
-def _dirname(sweep, overrides):
-    """The overrides part of the folder name Hydra would have given a job: sorted, without the
-    keys the sweep excludes (paths: a slash would nest folders)."""
+def _excluded_keys(sweep):
+    """The keys a sweep leaves out of its job folders' names (paths: a slash would nest folders)."""
     try:
-        excluded = set(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra.job.config.override_dirname.exclude_keys)
+        return set(OmegaConf.load(Path(sweep) / "multirun.yaml").hydra.job.config.override_dirname.exclude_keys)
     except Exception:  # a damaged record: leave nothing out but what cannot be in a name
-        excluded = set()
+        return set()
+
+
+def _dirname(excluded, overrides):
+    """The overrides part of the folder name Hydra would have given a job: sorted, without the
+    `excluded` keys."""
     return ",".join(sorted(o for o in overrides if typed_key(o) not in excluded)).replace("/", "_")
 
 
@@ -84,11 +88,13 @@ def find_jobs(paths):
         sweeps = {m.parent for m in p.rglob("multirun.yaml")}
         for sweep in sorted(sweeps):
             mine = {_job_num(j): j for j in jobs if _sweep_of(j, sweeps) == sweep}
+            excluded = None
             for num, overrides in launched_jobs(sweep):
                 if num in mine:
                     jobs[mine[num]] = overrides
                 else:  # the sweep ended before this job began: its folder was never made
-                    jobs[sweep / f"{num}_{_dirname(sweep, overrides)}"] = overrides
+                    excluded = _excluded_keys(sweep) if excluded is None else excluded
+                    jobs[sweep / f"{num}_{_dirname(excluded, overrides)}"] = overrides
     if not jobs:
         raise KDError(f"no kd runs (folders with .hydra/) under {', '.join(map(str, paths))}")
     return sorted(jobs.items(), key=lambda item: _job_order(item[0]))
@@ -269,12 +275,6 @@ def _val_rate(r):
     return r["val_errors"] / r["val_size"] if r.get("val_size") else r["val_errors"]
 
 
-def best_by_validation(rows):
-    """The finished job with the lowest validation error rate (the first of equals), or None."""
-    scored = [r for r in rows if r["status"] == "done" and r["val_errors"] is not None]
-    return min(scored, key=_val_rate) if scored else None
-
-
 def best_setting(rows, swept):
     """(the group, of seed_groups, whose members' mean validation error rate is lowest: the first
     of equals; the other groups tied with it), or None. A setting is chosen by all its seeds: one
@@ -292,7 +292,7 @@ def best_setting(rows, swept):
     return tied[0], tied[1:]
 
 
-def markdown(rows, swept, fixed, groups=None):
+def markdown(rows, swept, fixed, groups=None, found=None):
     validated = any(r["val_errors"] is not None for r in rows)
     head = ["job", *swept, "status", *(["val errors"] if validated else []), "test errors", "error rate", "wall s",
             "note"]
@@ -313,8 +313,7 @@ def markdown(rows, swept, fixed, groups=None):
         for g in groups:
             lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
                                             f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
-    found = best_setting(rows, swept)
-    if found is not None:
+    if found is not None:  # best_setting(rows, swept)
         best, tied = found
         setting = lambda g: ", ".join(f"`{k}={_short(v)}`" for k, v in g["values"].items()) or "its settings"  # noqa: E731
         val = statistics.mean(r["val_errors"] for r in best["rows"])
@@ -358,9 +357,9 @@ def report(paths, out=None):
     except OSError as e:
         raise KDError(f"cannot make the report folder {out}: {e.strerror or e}") from None
     groups = seed_groups(rows, swept) if SEED in swept else None
-    text = markdown(rows, swept, fixed, groups)
+    found = best_setting(rows, swept)
+    text = markdown(rows, swept, fixed, groups, found)
     if any(is_search_folder(p) for p in paths):
-        found = best_setting(rows, swept)
         if validation_plot(out / "search.png", rows, swept, found[0]["rows"][0] if found else None):
             text += "\n\n![validation errors against each searched parameter](search.png)"
     elif plot(out / "report.png", rows, swept):

@@ -74,6 +74,12 @@ def in_use_message(folder):
             "(Ctrl-C, kill) and then resume (nothing was changed)")
 
 
+def check_not_in_use(folder):
+    """Before Hydra writes into a run folder: refuse one that another process is training in."""
+    if in_use(folder):
+        raise KDError(in_use_message(folder))
+
+
 def state_of(folder):
     """finished | stopped | failed | started (a record, nothing to resume) | empty."""
     folder = Path(folder)
@@ -271,8 +277,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     for num, (job, folder) in enumerate(zip(jobs, folders)):
         if folder is None:
             continue  # never started: it runs
-        if in_use(folder):
-            raise KDError(in_use_message(folder))
+        check_not_in_use(folder)
         check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job))
     return to_run
 
@@ -357,6 +362,5 @@ def resume_overrides(stage, overrides):
     if started_as != stage:
         raise KDError(f"{run_dir} is a {started_as} run; resume it with kd {started_as} resume={run_dir}")
     check_resume(run_dir)  # before Hydra rewrites anything in that folder
-    if in_use(run_dir):
-        raise KDError(in_use_message(run_dir))
+    check_not_in_use(run_dir)
     return [*(o for o in original if not o.startswith("resume=")), f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
