@@ -1,6 +1,7 @@
 """Before Hydra runs anything: compose the stage's config, check every value (every value of a
 sweep, both ends of a search's ranges), and the folder it will write in. A typo'd key, a bad value
 or another run's folder ends in one `kd: error:` line, with no folder made or changed."""
+import contextlib
 import itertools
 import re
 from pathlib import Path
@@ -255,6 +256,22 @@ def _needs_multirun(stage, args):
             "or quote a value that holds a comma")
 
 
+@contextlib.contextmanager
+def hydra_resolver_set(cfg):
+    """Values may use Hydra's resolver (teacher=${hydra:runtime.cwd}/t.pt,
+    hydra.run.dir=${hydra:runtime.cwd}/runs/x), which reads the config Hydra sets while a job runs:
+    set the composed one while preflight resolves values, as Hydra will, and put back what was."""
+    from hydra.core.hydra_config import HydraConfig
+
+    instance = HydraConfig.instance()
+    before = instance.cfg
+    instance.set_config(cfg.copy())  # set_config makes the hydra node it is given read-only
+    try:
+        yield
+    finally:
+        instance.cfg = before
+
+
 def check_overrides(stage, config_name, overrides):
     """Compose the stage's config before Hydra runs it and check every value (every value of a
     sweep too), and the folder it will write in: a typo'd key, a bad value or another run's
@@ -265,9 +282,10 @@ def check_overrides(stage, config_name, overrides):
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     args = [o for o in overrides if o not in ("-m", "--multirun")]
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"), contextlib.ExitStack() as stack:
             single, sweeps = _first_values(args)
             cfg = compose(config_name, overrides=single, return_hydra_config=True)
+            stack.enter_context(hydra_resolver_set(cfg))
             config.check(stage, cfg)
             search = run.is_search(cfg.hydra)
             if not multirun and sweeps and not search:  # Hydra's own message is a page long
@@ -317,6 +335,10 @@ def check_overrides(stage, config_name, overrides):
                                           lambda trial: compose(config_name, overrides=trial))
             jobs_left = True
             if multirun:
+                if "${hydra:" in str(_raw(cfg, "hydra.sweep.dir")):  # Hydra's issue 2247, fixed after 1.3
+                    raise KDError("hydra.sweep.dir cannot use ${hydra:...}: Hydra 1.3 reads a sweep's folder before "
+                                  "it sets its config. Give the path itself; a relative one is relative to the "
+                                  "folder kd runs in (hydra.sweep.dir=runs/x)")
                 run.check_writable(cfg.hydra.sweep.dir)
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                     jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))

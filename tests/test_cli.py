@@ -171,6 +171,26 @@ def test_paths_from_sweep_folders_are_quoted_for_hydra():
     assert quote_paths([f"checkpoint=['{job}']", f"teacher='{job}'"]) == [f"checkpoint=['{job}']", f"teacher='{job}'"]
 
 
+def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
+    """${hydra:runtime.cwd} resolves only where Hydra has set its config; preflight resolves paths
+    before Hydra runs, and refused every such value ("HydraConfig was not set")."""
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", "hydra.run.dir=t")
+    cwd = "${hydra:runtime.cwd}"
+    kd("distill", f"teacher={cwd}/t/checkpoint.pt", f"hydra.run.dir={cwd}/runs/one", *FAST)
+    assert metrics_of(tmp_path / "runs" / "one")["teacher"]["path"] == str(tmp_path / "t" / "checkpoint.pt")
+    kd("distill", "-m", f"teacher={cwd}/t/checkpoint.pt", "T=2,5", "hydra.sweep.dir=runs/sweep", *FAST)
+    assert len(list((tmp_path / "runs" / "sweep").glob("*/metrics.json"))) == 2
+    # except in the sweep's own folder, which Hydra 1.3 reads before it sets its config (a traceback)
+    proc = kd("distill", "-m", "T=2,5", f"hydra.sweep.dir={cwd}/runs/other", *FAST, check=False)
+    assert proc.returncode == 2 and "hydra.sweep.dir cannot use ${hydra:" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs" / "other").exists()
+    proc = kd("distill", f"teacher={cwd}/missing.pt", *FAST, check=False)  # resolved, then checked
+    assert proc.returncode == 2 and f"not found: {tmp_path / 'missing.pt'}" in proc.stderr, proc.stderr
+    from hydra.core.hydra_config import HydraConfig
+
+    assert not HydraConfig.initialized()  # preflight puts back the config it found
+
+
 # ---- what a job will read is checked in every combination a sweep gives it ---------------------
 
 def outputs_made(cwd):
