@@ -228,21 +228,40 @@ def _same(value):
     return str(value).replace(" ", "") if number is None else number
 
 
+def _by_stage(rows):
+    """{stage: its rows}, with the rows of no known stage (not started, no record) in each: keys are
+    compared within a stage, since a distillation's T and an evaluation's checkpoint are not values
+    of one axis. Rows that say no stage at all are one group, under None."""
+    stages = {}
+    for r in rows:
+        stages.setdefault(r["values"].get("stage"), []).append(r)
+    unknown = stages.pop(None, [])
+    return {stage: group + unknown for stage, group in stages.items()} or {None: unknown}
+
+
 def swept_keys(rows):
-    """Keys whose values differ between jobs (the axes: typed, from a config group, or a key one
-    job's config has and another's lacks: a student's and a distillation's); and the typed
-    overrides that every job shares."""
+    """The axes: keys whose values differ between jobs of one stage (typed, from a config group, or
+    a key one job's config has and another's lacks), and the stage where jobs of several are
+    reported together. And the typed overrides that the jobs share, {title: {key: value}}: one
+    title, or one per stage where there are several."""
     keys = sorted({k for r in rows for k in r["values"] if not _how_it_ran(k)})
     absent = object()
 
-    def values(k):  # a job with no readable config (not started) says only what was typed, and only
-        # a finished one has recorded how it ran (precision=auto settled to fp32, say)
+    def values(k, rows):  # a job with no readable config (not started) says only what was typed, and
+        # only a finished one has recorded how it ran (precision=auto settled to fp32, say)
         if k in AS_RUN:
             return {_same(r["values"].get(k, absent)) for r in rows if r["status"] == "done"}
         return {_same(r["values"].get(k, absent)) for r in rows if r.get("configured", True) or k in r["values"]}
-    swept = [k for k in keys if len(values(k)) > 1]
-    typed = sorted({k for r in rows for k in r["overrides"] if not _how_it_ran(k)})
-    fixed = {k: rows[0]["overrides"].get(k) for k in typed if k not in swept}
+    stages = _by_stage(rows)
+    swept = [k for k in keys if any(len(values(k, g)) > 1 for g in ([rows] if k == "stage" else stages.values()))]
+    fixed = {}
+    for stage, group in stages.items():
+        shared = {}
+        for r in group:
+            shared.update({k: v for k, v in r["overrides"].items() if k not in shared})
+        shared = {k: shared[k] for k in sorted(shared) if k not in swept and not _how_it_ran(k)}
+        if shared:
+            fixed["Same in every job" if len(stages) == 1 else f"Same in every {stage} job"] = shared
     return swept, fixed
 
 
@@ -304,8 +323,8 @@ def markdown(rows, swept, fixed, groups=None, found=None):
                  "" if r["test_error_rate"] is None else f"{100 * r['test_error_rate']:.2f}%",
                  "" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}", r["error"].replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
-    if fixed:
-        lines += ["", "Same in every job: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items())]
+    for title, shared in fixed.items():
+        lines += ["", f"{title}: " + ", ".join(f"`{k}={v}`" for k, v in shared.items())]
     if groups:
         others = [k for k in swept if k != SEED]
         lines += ["", "Over seeds:", "", "| " + " | ".join([*others, "seeds", "mean", "std", "min", "max"]) + " |",

@@ -328,3 +328,27 @@ def test_a_typed_map_is_one_axis_of_the_report_not_two(tmp_path):
 
     swept, _ = swept_keys(rows_of([tmp_path]))
     assert swept == ["bias_shift.3"], swept
+
+
+def test_a_report_of_several_stages_compares_keys_within_a_stage(tmp_path):
+    # two distillations at T=2 and T=5 and an evaluation: T is an axis, the evaluation's
+    # checkpoint= and the distillations' training keys are not (each stage lacks the other's keys)
+    for num, t in enumerate([2, 5]):
+        finished_job(tmp_path / f"d{num}", [f"T={t}", "epochs=3"], {"T": t, "epochs": 3, "lr": 0.05},
+                     {"test_errors": 10 + num, "stage": "distill"})
+    finished_job(tmp_path / "e", ["checkpoint=d0/checkpoint.pt"], {"checkpoint": "d0/checkpoint.pt", "fit_bias": []},
+                 {"test_errors": 10, "stage": "evaluate"})
+    from kd_cli.report import rows_of, swept_keys
+
+    swept, fixed = swept_keys(rows_of([tmp_path / "d0", tmp_path / "d1", tmp_path / "e"]))
+    assert swept == ["T", "stage"], swept
+    assert fixed == {"Same in every distill job": {"epochs": "3"},
+                     "Same in every evaluate job": {"checkpoint": "d0/checkpoint.pt"}}, fixed
+    text = report([tmp_path / "d0", tmp_path / "d1", tmp_path / "e"])
+    assert "| job | T | stage | status |" in text and "Same in every evaluate job: `checkpoint=d0/checkpoint.pt`" in text
+    # one stage: one line, as before
+    assert swept_keys(rows_of([tmp_path / "d0", tmp_path / "d1"]))[1] == {"Same in every job": {"epochs": "3"}}
+    # a job that has not finished says no stage: it is compared with every stage's jobs
+    finished_job(tmp_path / "d2", ["T=8", "epochs=3"], {"T": 8, "epochs": 3, "lr": 0.05}, {"test_errors": 0})
+    (tmp_path / "d2" / "metrics.json").unlink()
+    assert swept_keys(rows_of([tmp_path / "d0", tmp_path / "d2"]))[0] == ["T"]
