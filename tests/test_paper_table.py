@@ -230,6 +230,16 @@ def test_same_results_tells_identical_runs_from_different_ones(kd, tmp_path, mon
            f"hydra.run.dir={tmp_path / name / 'evaluated'}")
     assert same.compare(tmp_path / "before" / "evaluated", tmp_path / "after" / "evaluated") == ""
     assert "differ" in same.compare(tmp_path / "before" / "evaluated", tmp_path / "other" / "evaluated")
+    # the same counts, but one error called another class: only the confusion matrix says so
+    moved = tmp_path / "moved" / "evaluated"
+    shutil.copytree(tmp_path / "before" / "evaluated", moved)
+    m = json.loads((moved / "metrics.json").read_text())
+    true, row = next((i, r) for i, r in enumerate(m["confusion"]) if sum(r) > r[i])  # a class with an error
+    wrong = next(j for j, v in enumerate(row) if v and j != true)
+    row[wrong] -= 1
+    row[next(j for j in range(10) if j not in (true, wrong))] += 1
+    (moved / "metrics.json").write_text(json.dumps(m))
+    assert same.compare(tmp_path / "before" / "evaluated", moved) == "confusion differ"
     # a run missing from one side, or not finished in it, is not "the same"
     (tmp_path / "after" / "evaluated" / "metrics.json").unlink()
     shutil.copytree(tmp_path / "before" / "student", tmp_path / "before" / "extra")

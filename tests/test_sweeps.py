@@ -298,9 +298,13 @@ def test_a_training_runs_history_and_curves_follow_eval_every_and_its_weights_do
     from kd_cli.checkpoint import load_checkpoint
 
     for every in (1, 2):
-        kd("train-student", *SMALL, "epochs=3", f"eval_every={every}", f"hydra.run.dir={tmp_path / str(every)}")
+        proc = kd("train-student", *SMALL, "epochs=3", f"eval_every={every}", f"hydra.run.dir={tmp_path / str(every)}")
     history = json.loads((tmp_path / "2" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history if "test_errors" in h] == [0, 2, 3]
+    # the progress bar keeps showing the latest count in the epochs that count none (epoch 1)
+    counted = {h["epoch"]: h["test_errors"] for h in history if "test_errors" in h}
+    shown = [s.split("test_errors=")[1].split(",")[0] for s in proc.stderr.split("\r") if "loss=" in s]
+    assert shown[:3] == [str(counted[0]), str(counted[2]), str(counted[3])], proc.stderr  # after epochs 1, 2, 3
     assert [h["epoch"] for h in history if "loss" in h] == [1, 2, 3]
     a, b = (load_checkpoint(tmp_path / str(every) / "checkpoint.pt")["state_dict"] for every in (1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the real evaluation, every epoch or not, changes nothing
@@ -352,3 +356,15 @@ def test_a_report_of_several_stages_compares_keys_within_a_stage(tmp_path):
     finished_job(tmp_path / "d2", ["T=8", "epochs=3"], {"T": 8, "epochs": 3, "lr": 0.05}, {"test_errors": 0})
     (tmp_path / "d2" / "metrics.json").unlink()
     assert swept_keys(rows_of([tmp_path / "d0", tmp_path / "d2"]))[0] == ["T"]
+
+
+def test_a_stopped_job_takes_its_stage_from_its_hydra_record(tmp_path):
+    # no metrics.json yet: the stage is the job name Hydra recorded (each conf sets it to the stage)
+    finished_job(tmp_path / "d0", ["T=2"], {"T": 2}, {"test_errors": 10, "stage": "distill"})
+    finished_job(tmp_path / "d1", ["T=5"], {"T": 5}, {"test_errors": 0})
+    (tmp_path / "d1" / "metrics.json").unlink()
+    (tmp_path / "d1" / "state.pt").write_bytes(b"")
+    (tmp_path / "d1" / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    name: distill\n")
+    finished_job(tmp_path / "e", ["checkpoint=c.pt"], {"checkpoint": "c.pt"}, {"test_errors": 7, "stage": "evaluate"})
+    text = report([tmp_path / "d0", tmp_path / "d1", tmp_path / "e"])
+    assert "| d1 | 5 | distill | stopped |" in text, text
