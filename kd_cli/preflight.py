@@ -30,6 +30,10 @@ def _first_values(overrides):
         else:
             single.append(o.input_line)
             continue
+        if not values:  # range(0), or glob() on a plain key or matching none of a group's options
+            raise KDError(f"{o.input_line} gives no value to run" + (
+                ": glob() picks among a config group's options (recipe=glob(pa*) picks recipe=paper)"
+                if "glob(" in o.input_line else ""))
         sweeps[o.key_or_group] = [f"{o.get_key_element()}={v}" for v in values]
         single.append(sweeps[o.key_or_group][0])
     return single, sweeps

@@ -57,11 +57,21 @@ def resolve_generalist(generalist, outputs="outputs"):
 
 
 def resolve_checkpoints(checkpoint):
-    """kd evaluate's checkpoint= (one path, `pretrained`, or a list: an ensemble) as paths."""
-    paths = [Path(resolve_pretrained(p)).expanduser() for p in _items(checkpoint)]
-    for path in paths:
+    """kd evaluate's checkpoint= (one path, `pretrained`, a run's folder, or a list: an ensemble) as
+    paths. A folder is its run's checkpoint.pt; a sweep's folder is refused: evaluated as one
+    ensemble or job by job is the user's choice, not a guess."""
+    paths = []
+    for path in (Path(resolve_pretrained(p)).expanduser() for p in _items(checkpoint)):
+        if path.is_dir() and (path / "checkpoint.pt").is_file():
+            path = path / "checkpoint.pt"
+        elif path.is_dir():
+            jobs = sorted(path.glob("*/checkpoint.pt"))
+            raise KDError(f"no checkpoint.pt in the folder {path}" + (
+                f"; its {len(jobs)} job(s) have one each: pass one, or a list of them to evaluate as an "
+                f"ensemble (checkpoint=['{jobs[0]}',...])" if jobs else ""))
         if not path.is_file():
             raise KDError(f"checkpoint not found: {path}; pass checkpoint=<path to checkpoint.pt>")
+        paths.append(path)
     return paths
 
 

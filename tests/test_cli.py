@@ -191,6 +191,19 @@ def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
     assert not HydraConfig.initialized()  # preflight puts back the config it found
 
 
+def test_kd_evaluate_takes_a_runs_folder_as_teacher_does_and_says_what_a_sweeps_holds(kd, tmp_path):
+    kd("train-student", "model.hidden=[16]", "epochs=1", "hydra.run.dir=s")
+    kd("evaluate", "checkpoint=s", "hydra.run.dir=e")
+    assert metrics_of(tmp_path / "e")["test_errors"] == metrics_of(tmp_path / "s")["test_errors"]
+    assert metrics_of(tmp_path / "e")["checkpoint_files"][0]["path"].endswith("s/checkpoint.pt")
+    kd("train-student", "-m", "model.hidden=[16]", "epochs=1", "seed=0,1", "hydra.sweep.dir=sw")
+    proc = kd("evaluate", "checkpoint=sw", check=False)  # one ensemble, or each job? not a guess
+    assert proc.returncode == 2 and "no checkpoint.pt in the folder sw; its 2 job(s) have one each" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = kd("evaluate", "checkpoint=empty", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "kd: error: no checkpoint.pt in the folder empty"
+
+
 # ---- what a job will read is checked in every combination a sweep gives it ---------------------
 
 def outputs_made(cwd):

@@ -351,6 +351,10 @@ def test_a_run_begun_with_a_key_added_with_plus_still_resumes(kd):
     (["train-specialists", "experiment=only78"], "presets (conf/experiment/) are transfer sets for a student"),
     (["evaluate", "checkpoint=x.pt", "bias_shift={3:nan}"], "bias_shift must be null or a map from digits to finite numbers"),
     (["evaluate", "checkpoint=x.pt", "fit_bias=[11]"], "fit_bias must be a list of digits"),
+    # a sweep of no job: Hydra's own answer was an IndexError
+    (["distill", "-m", "T=glob(*)"], "T=glob(*) gives no value to run: glob() picks among a config group's"),
+    (["distill", "-m", "recipe=glob(zz*)"], "recipe=glob(zz*) gives no value to run"),
+    (["train-student", "-m", "seed=range(0)"], "seed=range(0) gives no value to run"),
 ])
 def test_a_meaningless_value_is_refused_before_any_folder(kd, args, says):
     refused(kd(*args, check=False), says)
