@@ -7,7 +7,8 @@ SGD with Nesterov momentum 0.9, peak lr 0.05 after a 2-epoch warm-up, then cosin
 50,000 images, 10,000 held out (kd's `data.val_size=10000` split), re-implemented in one loop
 with kd's data reader, split, teacher checkpoint and loss, but not kd's training loop, so that a
 variant is one flag: another optimizer (`--opt adam`), the student's initial weights scaled
-(`--init`), a teacher sampled with its dropout on for each batch (`--teacher-dropout`), momentum,
+(`--init`), a teacher sampled with its dropout on for each batch (`--teacher-dropout`) or averaged
+over many such samples (`--teacher-mc`: the dropout ensemble's mean probabilities), momentum,
 batch, lr. Its batches are drawn otherwise than kd's, so its runs are other draws of the same
 recipe, not kd's runs bit for bit. It prints validation errors (for choosing) and test errors (for
 reference), and appends a JSON line per run to --json.
@@ -30,6 +31,19 @@ from kd_cli.teachers import combine_log_probs, load_teacher, shifted_logits
 from kd_cli.train import Recipe
 
 
+@torch.no_grad()
+def dropout_mean_log_probs(teacher, x, T, samples):
+    """log of the mean over `samples` dropout draws of the teacher's probabilities at T (a mask per
+    image and draw, as in its training): the dropout ensemble's prediction, where eval mode gives
+    its mean network's."""
+    teacher.train()
+    try:
+        return combine_log_probs((soft_targets(torch.cat([teacher(c) for c in x.split(10000)]), T)
+                                  for _ in range(samples)), "arithmetic")
+    finally:
+        teacher.eval()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="pretrained", help="a teacher checkpoint.pt, or pretrained (kd's shipped one)")
@@ -47,6 +61,10 @@ def main():
     ap.add_argument("--init", type=float, default=1.0, help="scale the student's initial weights and biases by this")
     ap.add_argument("--teacher-dropout", action="store_true",
                     help="soft targets from the teacher in training mode (its dropout on), drawn anew for each batch")
+    ap.add_argument("--teacher-mc", type=int, default=0,
+                    help="soft targets from the mean of the teacher's probabilities at T over this many dropout "
+                         "samples (its dropout on), drawn once: the dropout ensemble it was trained as, instead "
+                         "of its mean network")
     ap.add_argument("--teacher-shifts", type=int, default=0,
                     help="soft targets for each image from the teacher's outputs on it moved by every shift of up to "
                          "this many pixels (arithmetic mean of the probabilities at T); the student still sees it unmoved")
@@ -59,8 +77,11 @@ def main():
     train_x, train_y, val_x, val_y = split_validation(train_x, train_y, args.val_size)
     teacher, _ = load_teacher(resolve_pretrained(args.teacher), "cpu", 784, 10)  # in eval mode
     with torch.no_grad():
-        log_p = combine_log_probs(soft_targets(shifted_logits(teacher, train_x, args.teacher_shifts), args.T),
-                                  "arithmetic")
+        if args.teacher_mc:
+            log_p = dropout_mean_log_probs(teacher, train_x, args.T, args.teacher_mc)
+        else:
+            log_p = combine_log_probs(soft_targets(shifted_logits(teacher, train_x, args.teacher_shifts), args.T),
+                                      "arithmetic")
 
     torch.manual_seed(args.seed)
     student = MLP(args.hidden)

@@ -184,11 +184,12 @@ def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
     proc = kd("distill", "-m", "T=2,5", f"hydra.sweep.dir={cwd}/runs/other", *FAST, check=False)
     assert proc.returncode == 2 and "hydra.sweep.dir cannot use ${hydra:" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs" / "other").exists()
-    proc = kd("distill", f"teacher={cwd}/missing.pt", *FAST, check=False)  # resolved, then checked
-    assert proc.returncode == 2 and f"not found: {tmp_path / 'missing.pt'}" in proc.stderr, proc.stderr
     from hydra.core.hydra_config import HydraConfig
 
-    assert not HydraConfig.initialized()  # preflight puts back the config it found
+    before = HydraConfig.instance().cfg
+    proc = kd("distill", f"teacher={cwd}/missing.pt", *FAST, check=False)  # resolved, then checked
+    assert proc.returncode == 2 and f"not found: {tmp_path / 'missing.pt'}" in proc.stderr, proc.stderr
+    assert HydraConfig.instance().cfg is before  # preflight puts back the config it found
 
 
 def test_kd_evaluate_takes_a_runs_folder_as_teacher_does_and_says_what_a_sweeps_holds(kd, tmp_path):

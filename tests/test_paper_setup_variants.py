@@ -27,3 +27,24 @@ def test_variants_record_their_settings_and_errors_and_no_errors_when_diverged(k
     blown = run_script(monkeypatch, tiny_root, tmp_path / "t" / "checkpoint.pt", out, "--lr", "inf")
     assert blown["diverged"] and blown["val_errors"] is None and blown["test_errors"] is None
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_teacher_mc_targets_are_the_mean_of_dropout_samples_probabilities(kd, tmp_path):
+    import torch
+
+    from kd_cli.teachers import load_teacher
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 't'}")
+    teacher, _ = load_teacher(tmp_path / "t" / "checkpoint.pt", "cpu", 784, 10)
+    x = torch.rand(50, 1, 28, 28)
+    torch.manual_seed(3)
+    got = load_script("paper_setup_variants").dropout_mean_log_probs(teacher, x, 4.0, 5).exp()
+    assert not teacher.training  # left in eval mode, as it was given
+    torch.manual_seed(3)  # by hand: the same five draws of the teacher in training mode, probabilities averaged
+    teacher.train()
+    with torch.no_grad():
+        want = sum(torch.softmax(teacher(x).double() / 4.0, dim=-1) for _ in range(5)) / 5
+    teacher.eval()
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(got, torch.softmax(teacher(x) / 4.0, dim=-1), atol=1e-3)  # not the mean network
