@@ -218,18 +218,30 @@ def joined_keys(cfg, sweeps):
             and (k in cfg.hydra.runtime.choices or k in JOINED or k in referenced)]
 
 
-def check_jobs(stage, args, jobs, files):
+# Hydra keys that only a job's launch sets (its number, id, folder name and folder): a value that
+# reads one cannot be resolved before, so its files are checked by the stage when the job runs
+AT_LAUNCH = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
+
+
+def _resolving(job, hydra_values):
+    """While a job's values are resolved: its own Hydra config where values read Hydra's
+    (`teacher=t/${hydra:runtime.choices.recipe}/checkpoint.pt` differs by job)."""
+    return hydra_resolver_set(job) if hydra_values else contextlib.nullcontext()
+
+
+def check_jobs(stage, args, jobs, files, hydra_values=False):
     """For each job's config: the checks that join two keys, and where `files`, what it reads
     (check_inputs, once for each distinct set of files, each checkpoint loaded once)."""
     seen, loaded = set(), {}
     for job in jobs:
-        config.check(stage, job)
-        if stage == "evaluate":
-            _check_read_by_evaluate(args, job)
-        reads = _reads(stage, job)
-        if files and reads not in seen:
-            seen.add(reads)
-            check_inputs(stage, job, loaded)
+        with _resolving(job, hydra_values):
+            config.check(stage, job)
+            if stage == "evaluate":
+                _check_read_by_evaluate(args, job)
+            reads = _reads(stage, job)
+            if files and reads not in seen:
+                seen.add(reads)
+                check_inputs(stage, job, loaded)
 
 
 SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_size (e.g. 10000); the test set is "
@@ -314,12 +326,15 @@ def check_overrides(stage, config_name, overrides):
                             OmegaConf.update(job, o.key_or_group, o.value(), merge=False)
                 return job
 
+            hydra_values = any("${hydra:" in o for o in args)
+
             def check_values(key, lines):
                 if key.startswith("hydra"):
                     return  # Hydra's own key: refused below as a sweep, or checked by Hydra
                 for line in lines:
                     job = job_with([line])
-                    config.check(stage, job)
+                    with _resolving(job, hydra_values):
+                        config.check(stage, job)
                     if search and not job.data.val_size:
                         raise KDError(SEARCH_NEEDS_VALIDATION)
 
@@ -359,11 +374,13 @@ def check_overrides(stage, config_name, overrides):
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
             # what the jobs will read, in every combination a sweep gives it: unless a finished sweep
             # reads nothing (its files may have moved since), a resumed run reads what it recorded
-            # (provenance.check_resume), or a cluster's nodes read their own files
+            # (provenance.check_resume), a cluster's nodes read their own files, or a path names
+            # what only the job's launch sets (${hydra:job.num})
             here = not multirun or run.launches_here(cfg.hydra.launcher._target_)
             joined = [sweeps[k] for k in joined_keys(cfg, sweeps)]
+            at_launch = any(AT_LAUNCH.search(o) for o in args)
             check_jobs(stage, args, (job_with(lines) for lines in itertools.product(*joined)),
-                       files=jobs_left and here and not cfg.get("resume"))
+                       files=jobs_left and here and not cfg.get("resume") and not at_launch, hydra_values=hydra_values)
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

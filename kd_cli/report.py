@@ -163,11 +163,13 @@ AS_RUN = ("stage", "precision", "data_sha256", "threads")
 
 def _as_run(job, m):
     found = {k: str(m[k])[:12] if k == "data_sha256" else str(m[k]) for k in AS_RUN if m.get(k) is not None}
-    if "stage" not in found:
-        try:
-            found["stage"] = str(OmegaConf.load(Path(job) / RECORD / "hydra.yaml").hydra.job.name)
-        except Exception:  # no record, or a damaged one: the stage is not known
-            pass
+    # not finished: the stage is the job name Hydra recorded for the job, or (not started) for its sweep
+    for record in (Path(job) / RECORD / "hydra.yaml", Path(job).parent / "multirun.yaml"):
+        if "stage" not in found and record.is_file():
+            try:
+                found["stage"] = str(OmegaConf.load(record).hydra.job.name)
+            except Exception:  # a damaged record: the stage is not known from it
+                pass
     return found
 
 

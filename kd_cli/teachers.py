@@ -66,6 +66,9 @@ def resolve_checkpoints(checkpoint):
             path = path / "checkpoint.pt"
         elif path.is_dir():
             jobs = sorted(path.glob("*/checkpoint.pt"))
+            if jobs and _is_search_folder(path):
+                raise KDError(f"{path} is a search: its trials are candidates; pass the chosen trial's checkpoint.pt "
+                              f"(kd report {path} names the best by validation)")
             raise KDError(f"no checkpoint.pt in the folder {path}" + (
                 f"; its {len(jobs)} job(s) have one each: pass one, or a list of them to evaluate as an "
                 f"ensemble (checkpoint=['{jobs[0]}',...])" if jobs else ""))
@@ -87,6 +90,12 @@ READS = {"distill": ("teacher", resolve_teacher, "teacher"),
          "evaluate": ("checkpoint", resolve_checkpoints, "checkpoint_files")}
 
 
+def _is_search_folder(folder):
+    from .run import is_search
+
+    return (folder / "multirun.yaml").is_file() and is_search(OmegaConf.load(folder / "multirun.yaml").hydra)
+
+
 def _check_whole_sweep(folder):
     """A sweep folder as teacher= is an ensemble of all its jobs: refused while a job is missing (it
     failed, stopped or never started: the ensemble would silently be smaller), and for a search,
@@ -94,9 +103,8 @@ def _check_whole_sweep(folder):
     if not (folder / "multirun.yaml").is_file():
         return
     from .report import rows_of
-    from .run import is_search
 
-    if is_search(OmegaConf.load(folder / "multirun.yaml").hydra):
+    if _is_search_folder(folder):
         raise KDError(f"{folder} is a search: its trials are candidates, not an ensemble; pass the chosen "
                       f"trial's checkpoint.pt (kd report {folder} names the best by validation)")
     missing = [r for r in rows_of([folder]) if r["status"] != "done"]

@@ -71,6 +71,10 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="the student's forward under bfloat16 autocast, as kd's precision=bf16")
     ap.add_argument("--json", default=None, help="append the run's settings and errors to this file, a JSON line")
     args = ap.parse_args()
+    if args.teacher_mc < 0:
+        ap.error("--teacher-mc takes a number of dropout samples >= 1 (0: the mean network)")
+    if args.teacher_mc and (args.teacher_dropout or args.teacher_shifts):
+        ap.error("--teacher-mc sets the soft targets: it does not combine with --teacher-dropout or --teacher-shifts")
 
     torch.manual_seed(args.seed)
     train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))

@@ -184,6 +184,18 @@ def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
     proc = kd("distill", "-m", "T=2,5", f"hydra.sweep.dir={cwd}/runs/other", *FAST, check=False)
     assert proc.returncode == 2 and "hydra.sweep.dir cannot use ${hydra:" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs" / "other").exists()
+    # each job resolved with its own Hydra config: the paper recipe's teacher is missing, refused up front
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", "hydra.run.dir=by-recipe/distill")
+    proc = kd("distill", "-m", "recipe=distill,paper", "teacher=by-recipe/${hydra:runtime.choices.recipe}/checkpoint.pt",
+              "hydra.sweep.dir=by-recipe-sweep", *FAST, check=False)
+    assert proc.returncode == 2 and "not found: by-recipe/paper/checkpoint.pt" in proc.stderr, proc.stderr
+    assert not (tmp_path / "by-recipe-sweep").exists()
+    # what only a job's launch sets (its number) is not resolved before it: the job checks its files
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", "hydra.run.dir=t1")
+    shutil.copytree(tmp_path / "t", tmp_path / "t0")
+    kd("distill", "-m", "T=2,5", "teacher=t${hydra:job.num}/checkpoint.pt", "hydra.sweep.dir=by-num", *FAST)
+    assert sorted(metrics_of(j)["teacher"]["path"] for j in (tmp_path / "by-num").glob("*_T=*")) == [
+        str(tmp_path / "t0" / "checkpoint.pt"), str(tmp_path / "t1" / "checkpoint.pt")]
     from hydra.core.hydra_config import HydraConfig
 
     before = HydraConfig.instance().cfg
@@ -200,6 +212,9 @@ def test_kd_evaluate_takes_a_runs_folder_as_teacher_does_and_says_what_a_sweeps_
     kd("train-student", "-m", "model.hidden=[16]", "epochs=1", "seed=0,1", "hydra.sweep.dir=sw")
     proc = kd("evaluate", "checkpoint=sw", check=False)  # one ensemble, or each job? not a guess
     assert proc.returncode == 2 and "no checkpoint.pt in the folder sw; its 2 job(s) have one each" in proc.stderr
+    kd("evaluate", "checkpoint=[s,'sw/0_epochs=1,model.hidden=[16],seed=0']", "hydra.run.dir=both")  # a list of folders
+    assert [f["path"] for f in metrics_of(tmp_path / "both")["checkpoint_files"]] == [
+        str(tmp_path / "s" / "checkpoint.pt"), str(tmp_path / "sw" / "0_epochs=1,model.hidden=[16],seed=0" / "checkpoint.pt")]
     (tmp_path / "empty").mkdir()
     proc = kd("evaluate", "checkpoint=empty", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "kd: error: no checkpoint.pt in the folder empty"

@@ -91,6 +91,8 @@ def test_distill_from_a_seed_sweep_of_teachers_and_evaluate_the_ensemble(kd):
     for folder, says in ((stopped, "1 job(s) did not finish (1_"), (search, "is a search")):
         proc = kd("distill", f"teacher={folder}", "model.hidden=[16]", "epochs=1", check=False)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    proc = kd("evaluate", f"checkpoint={search}", check=False)  # not "evaluate its trials as an ensemble"
+    assert proc.returncode == 2 and "is a search: its trials are candidates; pass the chosen" in proc.stderr
     assert metrics(kd.cwd / "matching")["loss"] == "logit_mse"
 
 

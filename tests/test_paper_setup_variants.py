@@ -48,3 +48,24 @@ def test_teacher_mc_targets_are_the_mean_of_dropout_samples_probabilities(kd, tm
     assert torch.allclose(got.double(), want, atol=1e-6)
     with torch.no_grad():
         assert not torch.allclose(got, torch.softmax(teacher(x) / 4.0, dim=-1), atol=1e-3)  # not the mean network
+
+
+def test_teacher_mc_reaches_the_run_and_refuses_what_it_would_silently_override(kd, tmp_path, tiny_root, monkeypatch):
+    import pytest
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 't'}")
+    script, calls = load_script("paper_setup_variants"), []
+    real = script.dropout_mean_log_probs
+    monkeypatch.setattr(script, "dropout_mean_log_probs", lambda *a: calls.append(a[2:]) or real(*a))
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    base = ["x", "--teacher", str(tmp_path / "t" / "checkpoint.pt"), "--hidden", "16", "--val-size", "100",
+            "--epochs", "1", "--warmup", "1"]
+    monkeypatch.setattr(sys, "argv", [*base, "--teacher-mc", "3", "--T", "4"])
+    script.main()
+    assert calls == [(4.0, 3)]
+    for bad in (["--teacher-mc", "-1"], ["--teacher-mc", "2", "--teacher-shifts", "1"],
+                ["--teacher-mc", "2", "--teacher-dropout"]):
+        monkeypatch.setattr(sys, "argv", [*base, *bad])
+        with pytest.raises(SystemExit) as e:
+            script.main()
+        assert e.value.code == 2

@@ -361,6 +361,11 @@ def test_a_meaningless_value_is_refused_before_any_folder(kd, args, says):
     assert not (kd.cwd / "outputs").exists()
 
 
+def test_an_empty_range_is_not_told_about_glob(kd):
+    proc = kd("train-student", "-m", "seed=range(0)", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "kd: error: seed=range(0) gives no value to run"
+
+
 @pytest.fixture
 def finished_student(kd):
     kd("train-student", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 's'}")

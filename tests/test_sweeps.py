@@ -3,6 +3,7 @@ job keeps the others' results; `kd report` lists every job and plots test errors
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,13 @@ def test_a_stopped_job_takes_its_stage_from_its_hydra_record(tmp_path):
     finished_job(tmp_path / "e", ["checkpoint=c.pt"], {"checkpoint": "c.pt"}, {"test_errors": 7, "stage": "evaluate"})
     text = report([tmp_path / "d0", tmp_path / "d1", tmp_path / "e"])
     assert "| d1 | 5 | distill | stopped |" in text, text
+
+
+def test_a_job_that_never_started_is_of_its_sweeps_stage_in_a_report_of_several(kd):
+    kd("train-student", "-m", *SMALL, "seed=0,1", "hydra.sweep.dir=sw")
+    (job0, job1) = sorted((kd.cwd / "sw").glob("*_*"))
+    kd("evaluate", f"checkpoint={job0}", "hydra.run.dir=e")
+    shutil.rmtree(job1)  # now "not started": the sweep's multirun.yaml says its stage
+    text = report([kd.cwd / "sw", kd.cwd / "e"])
+    assert f"| {job1.name} | 1 | train-student | not started |" in text, text
+    assert "Same in every train-student job: " in text and "| epochs |" not in text
