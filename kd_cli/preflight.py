@@ -117,7 +117,7 @@ def check_search_continuation(stage, cfg, task, compose_trial):
         return
     try:
         then = OmegaConf.load(record).hydra
-        same = {"overrides": sorted(then.overrides.task) == sorted(task),
+        same = {"overrides": sorted(run.recorded(then.overrides.task)) == sorted(task),
                 "hydra.sweeper.params": then.sweeper.params == cfg.hydra.sweeper.params,
                 "hydra.sweeper.sampler": then.sweeper.sampler == cfg.hydra.sweeper.sampler,
                 "hydra.sweeper._target_": then.sweeper._target_ == cfg.hydra.sweeper._target_}

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from .config import typed_key
 from .errors import KDError
 from .plots import SEED, _number, learning_curves, plot, validation_plot
-from .run import ERROR, METRICS, RECORD, STATE, in_use, sweep_jobs
+from .run import ERROR, METRICS, RECORD, STATE, in_use, recorded, sweep_jobs
 from .run import is_search
 
 
@@ -31,7 +31,7 @@ def launched_jobs(sweep):
         hydra = OmegaConf.load(Path(sweep) / "multirun.yaml").hydra
         if not hydra.sweeper._target_.endswith("BasicSweeper"):
             return []
-        return list(enumerate(sweep_jobs(hydra.overrides.task)))
+        return list(enumerate(sweep_jobs(recorded(hydra.overrides.task))))
     except Exception:  # no record, or a damaged one: the folders alone tell what ran
         return []
 

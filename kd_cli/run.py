@@ -207,12 +207,18 @@ def is_search(hydra):
     return OmegaConf.select(hydra, "sweeper._target_", default=None) == SEARCH_SWEEPER
 
 
+def recorded(overrides):
+    """A recorded list of overrides as typed: `teacher=${hydra:runtime.cwd}/t.pt` stays as it is
+    (read item by item, OmegaConf would resolve it, and Hydra's resolver is set only in a run)."""
+    return OmegaConf.to_container(overrides, resolve=False)
+
+
 def sweep_overrides(stage, sweep_dir):
     """`kd <stage> resume=<sweep folder>`: the command line the sweep was launched with (from
     its multirun.yaml), so the same jobs run again into the same folders."""
     try:
         hydra = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra
-        started_as, task, own = hydra.job.name, list(hydra.overrides.task), list(hydra.overrides.hydra)
+        started_as, task, own = hydra.job.name, recorded(hydra.overrides.task), recorded(hydra.overrides.hydra)
     except Exception as e:  # a damaged record: OmegaConf's errors have no common base
         raise KDError(f"{sweep_dir}/multirun.yaml is unreadable ({type(e).__name__}); the sweep cannot be "
                       "continued from it") from None

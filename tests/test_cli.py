@@ -180,6 +180,13 @@ def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
     assert metrics_of(tmp_path / "runs" / "one")["teacher"]["path"] == str(tmp_path / "t" / "checkpoint.pt")
     kd("distill", "-m", f"teacher={cwd}/t/checkpoint.pt", "T=2,5", "hydra.sweep.dir=runs/sweep", *FAST)
     assert len(list((tmp_path / "runs" / "sweep").glob("*/metrics.json"))) == 2
+    # its record keeps the value as typed: the report and resume= read it without resolving it
+    shutil.rmtree(sorted((tmp_path / "runs" / "sweep").glob("1_*"))[0])
+    from kd_cli.report import report
+
+    assert "| not started |" in report([tmp_path / "runs" / "sweep"])
+    kd("distill", "resume=runs/sweep")
+    assert len(list((tmp_path / "runs" / "sweep").glob("*/metrics.json"))) == 2
     # except in the sweep's own folder, which Hydra 1.3 reads before it sets its config (a traceback)
     proc = kd("distill", "-m", "T=2,5", f"hydra.sweep.dir={cwd}/runs/other", *FAST, check=False)
     assert proc.returncode == 2 and "hydra.sweep.dir cannot use ${hydra:" in proc.stderr, proc.stderr

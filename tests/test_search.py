@@ -53,6 +53,16 @@ def test_a_stopped_search_continues_with_the_same_command_as_if_never_stopped(kd
     assert (broken / "optuna.db").read_bytes() == study_file  # another space never joins the study
 
 
+def test_a_search_typed_with_hydras_resolver_continues(kd, tmp_path):
+    # its multirun.yaml keeps ${hydra:...} as typed: read as a list it was resolved, which only a run can
+    search = [*SEARCH[:-3], "hydra.sweeper.n_trials=1", "epochs=1", "data.root=${hydra:runtime.cwd}/data",
+              f"hydra.sweep.dir={tmp_path / 's'}"]
+    (tmp_path / "data").symlink_to(kd.root)
+    kd(*search)
+    kd(*[o.replace("n_trials=1", "n_trials=2") for o in search])  # one more trial, not "another search"
+    assert len(study_of(tmp_path / "s").trials) == 2
+
+
 def test_a_search_whose_config_changed_since_its_trials_ran_is_refused_not_mixed(kd, tmp_path):
     """More trials after a recipe file changed would optimise another objective in the same study.
     The changed file is played by the trial's own record of what it ran with, which the check reads."""
