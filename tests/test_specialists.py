@@ -133,6 +133,18 @@ def test_the_combination_is_the_distribution_that_minimises_the_summed_kls():
     torch.testing.assert_close(log_view.exp()[:, 2], q[:, [0, 3]].sum(1))
 
 
+def test_the_configured_jitter_and_recipe_reach_each_specialists_training(kd, monkeypatch):
+    import kd_cli.specialists as specialists
+
+    kd("train-teacher", "model.hidden=[32]", "epochs=1", f"hydra.run.dir={kd.cwd / 'g'}")
+    seen = []
+    real = specialists.train
+    monkeypatch.setattr(specialists, "train", lambda *a, **kw: seen.append((a[4].epochs, kw)) or real(*a, **kw))
+    kd("train-specialists", f"generalist={kd.cwd / 'g' / 'checkpoint.pt'}", "clusters=3", "epochs=1",
+       "data.jitter=1", f"hydra.run.dir={kd.cwd / 's'}")
+    assert seen and all(epochs == 1 and kw["jitter_pixels"] == 1 for epochs, kw in seen), seen
+
+
 def test_train_specialists_end_to_end(kd, monkeypatch):
     kd("train-teacher", "model.hidden=[32]", "epochs=2", f"hydra.run.dir={kd.cwd / 'g'}")
     clustered = []

@@ -515,3 +515,18 @@ def test_elastic_distortion_refuses_targets_cached_for_undistorted_images():
     with pytest.raises(ValueError, match="per_batch"):
         train(MLP(hidden=[4]), x, y, lambda z, t, _: hard_label_loss(z, t), Recipe(epochs=1, batch_size=16, lr=0.1),
               targets=Cached(), elastic=(3.0, 4.0))
+
+
+def test_each_epochs_validation_count_is_of_the_validation_images_and_the_test_count_of_the_test_images():
+    from kd_cli.prepare import errors_fn
+
+    torch.manual_seed(0)
+    model = MLP([8]).eval()
+    test_x, val_x = torch.rand(30, 1, 28, 28), torch.rand(40, 1, 28, 28)
+    with torch.no_grad():
+        test_pred, val_pred = model(test_x).argmax(1), model(val_x).argmax(1)
+    # labels by hand: the test set predicted right but for 3 images, the validation set for 5 only
+    test_y, val_y = test_pred.clone(), (val_pred + 1) % 10
+    test_y[:3], val_y[:5] = (test_pred[:3] + 1) % 10, val_pred[:5]
+    row = errors_fn(test_x, test_y, (val_x, val_y), batch_size=7)(model)
+    assert row == {"test_errors": 3, "val_errors": 35}
