@@ -11,6 +11,7 @@ or `unreadable` (its records are damaged: the reason is in the row). No job is d
 import csv
 import json
 import math
+import re
 import statistics
 from itertools import groupby
 from pathlib import Path
@@ -173,11 +174,15 @@ def _as_run(job, m):
     return found
 
 
+HYDRA_ESCAPED = re.compile(r"\\([\\()\[\]{}:=, \t])")  # a sweep's job records `${x}` as `$\{x\}`
+
+
 def _row(job, overrides, status, error="", metrics=None):
     m = metrics or {}
     config = _config_of(job)
-    # a typed map (bias_shift={3:3.5}) is in the config as its dotted keys (bias_shift.3): one column
-    typed = {k: v for k, v in (o.split("=", 1) for o in overrides or [] if "=" in o)
+    # a typed map (bias_shift={3:3.5}) is in the config as its dotted keys (bias_shift.3): one column;
+    # a value as the user typed it, not as Hydra's sweeper escaped it for the job's record
+    typed = {k: HYDRA_ESCAPED.sub(r"\1", v) for k, v in (o.split("=", 1) for o in overrides or [] if "=" in o)
              if not (v.startswith("{") and any(c.startswith(f"{k}.") for c in config))}
     return {"job": str(job), "overrides": typed, "configured": bool(config),
             # what the job ran with: its config (so T=20 from a recipe counts like a typed T=20),

@@ -184,7 +184,8 @@ def test_paths_may_use_hydras_resolver_as_in_any_hydra_app(kd, tmp_path):
     shutil.rmtree(sorted((tmp_path / "runs" / "sweep").glob("1_*"))[0])
     from kd_cli.report import report
 
-    assert "| not started |" in report([tmp_path / "runs" / "sweep"])
+    text = report([tmp_path / "runs" / "sweep"])
+    assert "| not started |" in text and "`teacher=${hydra:runtime.cwd}/t/checkpoint.pt`" in text, text  # as typed
     kd("distill", "resume=runs/sweep")
     assert len(list((tmp_path / "runs" / "sweep").glob("*/metrics.json"))) == 2
     # except in the sweep's own folder, which Hydra 1.3 reads before it sets its config (a traceback)
