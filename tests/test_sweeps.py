@@ -353,6 +353,11 @@ def test_a_report_of_several_stages_compares_keys_within_a_stage(tmp_path):
     assert "| job | T | stage | status |" in text and "Same in every evaluate job: `checkpoint=d0/checkpoint.pt`" in text
     # one stage: one line, as before
     assert swept_keys(rows_of([tmp_path / "d0", tmp_path / "d1"]))[1] == {"Same in every job": {"epochs": "3"}}
+    # a value one job typed and another had from its config is the same in both: listed
+    finished_job(tmp_path / "d3", ["T=5"], {"T": 5, "epochs": 3, "lr": 0.05}, {"test_errors": 1, "stage": "distill"})
+    finished_job(tmp_path / "d4", ["T=5", "lr=0.05"], {"T": 5, "epochs": 3, "lr": 0.05},
+                 {"test_errors": 2, "stage": "distill"})
+    assert swept_keys(rows_of([tmp_path / "d3", tmp_path / "d4"])) == ([], {"Same in every job": {"T": "5", "lr": "0.05"}})
     # a job that has not finished says no stage: it is compared with every stage's jobs
     finished_job(tmp_path / "d2", ["T=8", "epochs=3"], {"T": 8, "epochs": 3, "lr": 0.05}, {"test_errors": 0})
     (tmp_path / "d2" / "metrics.json").unlink()
