@@ -65,8 +65,10 @@ def resolve_checkpoints(checkpoint):
         if path.is_dir() and (path / "checkpoint.pt").is_file():
             path = path / "checkpoint.pt"
         elif path.is_dir():
+            from .report import is_search_folder
+
             jobs = sorted(path.glob("*/checkpoint.pt"))
-            if jobs and _is_search_folder(path):
+            if jobs and is_search_folder(path):
                 raise KDError(f"{path} is a search: its trials are candidates; pass the chosen trial's checkpoint.pt "
                               f"(kd report {path} names the best by validation)")
             raise KDError(f"no checkpoint.pt in the folder {path}" + (
@@ -90,12 +92,6 @@ READS = {"distill": ("teacher", resolve_teacher, "teacher"),
          "evaluate": ("checkpoint", resolve_checkpoints, "checkpoint_files")}
 
 
-def _is_search_folder(folder):
-    from .run import is_search
-
-    return (folder / "multirun.yaml").is_file() and is_search(OmegaConf.load(folder / "multirun.yaml").hydra)
-
-
 def _check_whole_sweep(folder):
     """A sweep folder as teacher= is an ensemble of all its jobs: refused while a job is missing (it
     failed, stopped or never started: the ensemble would silently be smaller), and for a search,
@@ -103,8 +99,9 @@ def _check_whole_sweep(folder):
     if not (folder / "multirun.yaml").is_file():
         return
     from .report import rows_of
+    from .run import is_search
 
-    if _is_search_folder(folder):
+    if is_search(OmegaConf.load(folder / "multirun.yaml").hydra):
         raise KDError(f"{folder} is a search: its trials are candidates, not an ensemble; pass the chosen "
                       f"trial's checkpoint.pt (kd report {folder} names the best by validation)")
     missing = [r for r in rows_of([folder]) if r["status"] != "done"]
