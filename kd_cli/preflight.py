@@ -301,7 +301,9 @@ def check_overrides(stage, config_name, overrides):
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"), contextlib.ExitStack() as stack:
             single, sweeps = _first_values(args)
             cfg = compose(config_name, overrides=single, return_hydra_config=True)
-            stack.enter_context(hydra_resolver_set(cfg))
+            hydra_values = any("${hydra:" in o for o in args)  # kd's own configs never read Hydra's resolver
+            if hydra_values:
+                stack.enter_context(hydra_resolver_set(cfg))
             config.check(stage, cfg)
             search = run.is_search(cfg.hydra)
             if not multirun and sweeps and not search:  # Hydra's own message is a page long
@@ -325,8 +327,6 @@ def check_overrides(stage, config_name, overrides):
                         if line not in groups:
                             OmegaConf.update(job, o.key_or_group, o.value(), merge=False)
                 return job
-
-            hydra_values = any("${hydra:" in o for o in args)
 
             def check_values(key, lines):
                 if key.startswith("hydra"):
