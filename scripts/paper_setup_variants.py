@@ -7,7 +7,8 @@ SGD with Nesterov momentum 0.9, peak lr 0.05 after a 2-epoch warm-up, then cosin
 50,000 images, 10,000 held out (kd's `data.val_size=10000` split), re-implemented in one loop
 with kd's data reader, split, teacher checkpoint and loss, but not kd's training loop, so that a
 variant is one flag: another optimizer (`--opt adam`), the student's initial weights scaled
-(`--init`), a teacher sampled with its dropout on for each batch (`--teacher-dropout`) or averaged
+(`--init`), a max-norm constraint that also caps the output units (`--max-norm`, `--max-norm-out`:
+what lets Hinton et al. 2012 train at high lr's), a teacher sampled with its dropout on for each batch (`--teacher-dropout`) or averaged
 over many such samples (`--teacher-mc`: the dropout ensemble's mean probabilities), momentum,
 batch, lr. Its batches are drawn otherwise than kd's, so its runs are other draws of the same
 recipe, not kd's runs bit for bit. It prints validation errors (for choosing) and test errors (for
@@ -26,7 +27,7 @@ from kd_cli.checkpoint import resolve_pretrained
 from kd_cli.data import load_mnist, split_validation
 from kd_cli.evaluate import count_errors, predict_logits
 from kd_cli.losses import distillation_loss, soft_targets
-from kd_cli.models import MLP
+from kd_cli.models import MLP, apply_max_norm_
 from kd_cli.teachers import combine_log_probs, load_teacher, shifted_logits
 from kd_cli.train import Recipe
 
@@ -59,6 +60,10 @@ def main():
     ap.add_argument("--T", type=float, default=20.0)
     ap.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label term")
     ap.add_argument("--init", type=float, default=1.0, help="scale the student's initial weights and biases by this")
+    ap.add_argument("--max-norm", type=float, default=None,
+                    help="after each step, cap each hidden unit's incoming weight vector at this length (kd's model.max_norm)")
+    ap.add_argument("--max-norm-out", action="store_true",
+                    help="cap the output units' incoming weights at --max-norm too (kd caps hidden units only)")
     ap.add_argument("--teacher-dropout", action="store_true",
                     help="soft targets from the teacher in training mode (its dropout on), drawn anew for each batch")
     ap.add_argument("--teacher-mc", type=int, default=0,
@@ -73,6 +78,10 @@ def main():
     args = ap.parse_args()
     if args.teacher_mc < 0:
         ap.error("--teacher-mc takes a number of dropout samples >= 1 (0: the mean network)")
+    if args.max_norm is not None and args.max_norm <= 0:
+        ap.error("--max-norm takes a length > 0")
+    if args.max_norm_out and args.max_norm is None:
+        ap.error("--max-norm-out caps the output units at --max-norm: give --max-norm too")
     if args.teacher_mc and (args.teacher_dropout or args.teacher_shifts):
         ap.error("--teacher-mc sets the soft targets: it does not combine with --teacher-dropout or --teacher-shifts")
 
@@ -123,6 +132,11 @@ def main():
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if args.max_norm is not None:
+                apply_max_norm_(student, args.max_norm)
+                if args.max_norm_out:
+                    with torch.no_grad():
+                        student.out.weight.renorm_(2, 0, args.max_norm)
         if not math.isfinite(loss.item()):
             print(f"epoch {epoch + 1}: loss {loss.item()}: diverged; no errors are counted from its weights")
             diverged = True

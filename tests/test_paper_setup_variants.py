@@ -69,3 +69,31 @@ def test_teacher_mc_reaches_the_run_and_refuses_what_it_would_silently_override(
         with pytest.raises(SystemExit) as e:
             script.main()
         assert e.value.code == 2
+
+
+def test_max_norm_caps_hidden_units_and_with_max_norm_out_the_output_units(kd, tmp_path, tiny_root, monkeypatch):
+    import pytest
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 't'}")
+    script, students = load_script("paper_setup_variants"), []
+    real_mlp = script.MLP
+    monkeypatch.setattr(script, "MLP", lambda hidden: students.append(real_mlp(hidden)) or students[-1])
+    monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
+    base = ["x", "--teacher", str(tmp_path / "t" / "checkpoint.pt"), "--hidden", "16", "16", "--val-size", "100",
+            "--epochs", "2", "--warmup", "1"]
+
+    def row_norms(student):
+        return [layer.weight.detach().norm(dim=1).max().item() for layer in [*student.hidden, student.out]]
+
+    for flags in ([], ["--max-norm", "0.3"], ["--max-norm", "0.3", "--max-norm-out"]):
+        monkeypatch.setattr(sys, "argv", [*base, *flags])
+        script.main()
+    free, hidden_capped, all_capped = (row_norms(s) for s in students)
+    assert max(free[:2]) > 0.31 and free[2] > 0.31  # nn.Linear's initial rows are about 0.58 long
+    assert max(hidden_capped[:2]) <= 0.3 + 1e-5 and hidden_capped[2] > 0.31  # kd's constraint: hidden units only
+    assert max(all_capped) <= 0.3 + 1e-5
+    for bad in (["--max-norm", "0"], ["--max-norm-out"]):
+        monkeypatch.setattr(sys, "argv", [*base, *bad])
+        with pytest.raises(SystemExit) as e:
+            script.main()
+        assert e.value.code == 2
