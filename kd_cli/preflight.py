@@ -6,7 +6,7 @@ import itertools
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import config, provenance, run
 from .config import typed_key
@@ -133,6 +133,32 @@ def check_search_continuation(stage, cfg, task, compose_trial):
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
         run.check_not_in_use(trial)
         run.check_job_continues(trial, compose_trial, settles_here=local, again=again)
+
+
+# conf/hydra/default.yaml's: the job's number first, so that no two jobs share a folder and a sweep
+# finds each job's folder again by its number
+DEFAULT_SUBDIR = "${hydra.job.num}_${hydra.job.override_dirname}"
+
+
+def job_dirs(compose_job, jobs, sweep_dir):
+    """Where each job of a sweep with a custom hydra.sweep.subdir will write: its subdir resolved
+    as Hydra's launcher resolves it, with the job's number and override_dirname (composing the
+    job sets that). Two jobs that would share a folder are refused: the second would take the
+    first's finished run for its own."""
+    dirs, first = [], {}
+    for num, job in enumerate(jobs):
+        cfg = compose_job(job)
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+        folder = Path(sweep_dir) / str(cfg.hydra.sweep.subdir)
+        if folder in first:
+            a = first[folder]
+            raise KDError(f"jobs {a} ({' '.join(jobs[a]) or 'no overrides'}) and {num} ({' '.join(job)}) would both "
+                          f"write in {folder}: give a hydra.sweep.subdir that tells every job apart, e.g. one that "
+                          f"begins with ${{hydra.job.num}}_ as kd's default ({DEFAULT_SUBDIR}) does")
+        first[folder] = num
+        dirs.append(folder)
+    return dirs
 
 
 def _is_hydra_key(override):
@@ -359,11 +385,20 @@ def check_overrides(stage, config_name, overrides):
                                   "it sets its config. Give the path itself; a relative one is relative to the "
                                   "folder kd runs in (hydra.sweep.dir=runs/x)")
                 run.check_writable(cfg.hydra.sweep.dir)
+                custom_subdir = _raw(cfg, "hydra.sweep.subdir") != DEFAULT_SUBDIR
+                if custom_subdir and search:
+                    raise KDError("a search names its trials' folders <trial>_<parameters> and continues them by "
+                                  "those names: drop hydra.sweep.subdir")
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
                     jobs = run.sweep_jobs(o for o in args if not _is_hydra_key(o))
+                    hydra_args = [o for o in args if _is_hydra_key(o)]
+                    folders = job_dirs(lambda job: compose(config_name, overrides=[*hydra_args, *job],
+                                                           return_hydra_config=True),
+                                       jobs, cfg.hydra.sweep.dir) if custom_subdir else None
                     jobs_left = run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
                                                              lambda job: compose(config_name, overrides=job),
-                                                             launcher=str(cfg.hydra.launcher._target_))
+                                                             launcher=str(cfg.hydra.launcher._target_),
+                                                             job_folders=folders)
             else:
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):

@@ -263,16 +263,20 @@ def launches_here(launcher):
     return str(launcher).rsplit(".", 1)[-1] in LOCAL_LAUNCHERS
 
 
-def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="BasicLauncher"):
+def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="BasicLauncher", job_folders=None):
     """A sweep launched into a folder that exists continues it. Every job that already has a
     folder must have been launched with the same overrides it would be launched with now, and
     continue as it ran (check_job_continues); otherwise the sweep is refused by that job's name,
-    before anything is written. Returns whether any job is left to run."""
+    before anything is written. A job's folder is <num>_* (kd's hydra.sweep.subdir), or the one
+    in job_folders (a custom subdir, resolved per job). Returns whether any job is left to run."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return True
-    folders = [next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
-               for num in range(len(jobs))]
+    if job_folders is None:
+        folders = [next((p for p in sorted(sweep_dir.glob(f"{num}_*")) if (p / RECORD).is_dir()), None)
+                   for num in range(len(jobs))]
+    else:
+        folders = [p if (p / RECORD).is_dir() else None for p in job_folders]
     # jobs that start afresh settle precision=auto where they run (here, for a local launcher), and
     # must settle it as the others did; with nothing left to run, no job mixes with another
     to_start = any(f is None or state_of(f) not in ("finished", "stopped") for f in folders)

@@ -384,3 +384,18 @@ def test_a_job_that_never_started_is_of_its_sweeps_stage_in_a_report_of_several(
     text = report([kd.cwd / "sw", kd.cwd / "e"])
     assert f"| {job1.name} | 1 | train-student | not started |" in text, text
     assert "Same in every train-student job: " in text and "| epochs |" not in text
+
+
+def test_a_custom_subdir_never_lets_two_jobs_share_a_folder_and_continues_only_as_it_ran(kd, tmp_path):
+    sweep = tmp_path / "s"
+    base = ["train-student", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep}"]
+    shared = kd(*base, "hydra.sweep.subdir=same", check=False)
+    assert shared.returncode == 2 and "would both write in" in shared.stderr and not sweep.exists(), shared.stderr
+    kd(*base, "hydra.sweep.subdir=s${seed}")
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    # relaunched with another lr, each job's folder (s0, s1) is found by its subdir and refused
+    changed = kd(*base, "lr=0.05", "hydra.sweep.subdir=s${seed}", check=False)
+    assert changed.returncode == 2 and "sweep job s0 ran with" in changed.stderr, changed.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    again = kd(*base, "hydra.sweep.subdir=s${seed}")  # the same command: both kept
+    assert again.stdout.count("finished before; kept as it is") == 2, again.stdout
