@@ -10,6 +10,7 @@ or `unreadable` (its records are damaged: the reason is in the row). No job is d
 """
 import csv
 import functools
+import hashlib
 import json
 import math
 import re
@@ -158,9 +159,24 @@ def rows_of(paths):
 
 
 # what a finished run records of how it ran that its config does not say: the stage, what
-# precision=auto settled to, the data files' sha256 and the CPU threads (float rounding moves with
-# them); jobs that differ in any of these are not seeds of one setting
-AS_RUN = ("stage", "precision", "data_sha256", "threads")
+# precision=auto settled to, the data files' sha256, the CPU threads (float rounding moves with
+# them), the sha256 of the teacher, generalist or evaluated checkpoints (a path names whatever file
+# is there now) and of kd's computing code; jobs that differ in any of these are not seeds of one
+# setting
+AS_RUN = ("stage", "precision", "data_sha256", "threads", "teacher_sha256", "checkpoint_sha256", "code_sha256")
+FILES_OF = {"teacher_sha256": "teacher", "checkpoint_sha256": "checkpoint_files"}  # where metrics.json keeps them
+
+
+def _short_sha256(m, key):
+    """The first 12 hex digits of what a run recorded under `key`: a file's sha256, a teacher's or
+    checkpoints' (one each, joined for an ensemble), the code's (of every module's)."""
+    if key == "code_sha256":
+        return hashlib.sha256(json.dumps(m["code_sha256"], sort_keys=True).encode()).hexdigest()[:12]
+    if key in FILES_OF:
+        entry = m[FILES_OF[key]]
+        return ",".join(str(f.get("sha256"))[:12] for f in (entry if isinstance(entry, list) else [entry])
+                        if isinstance(f, dict))
+    return str(m[key])[:12]
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,7 +187,8 @@ def _job_name(record, mtime_ns, size):
 
 
 def _as_run(job, m):
-    found = {k: str(m[k])[:12] if k == "data_sha256" else str(m[k]) for k in AS_RUN if m.get(k) is not None}
+    found = {k: _short_sha256(m, k) if k.endswith("sha256") else str(m[k]) for k in AS_RUN
+             if m.get(FILES_OF.get(k, k)) is not None}
     # not finished: the stage is the job name Hydra recorded for the job, or (not started) for its sweep
     for record in (Path(job) / RECORD / "hydra.yaml", Path(job).parent / "multirun.yaml"):
         if "stage" not in found and record.is_file():

@@ -399,3 +399,30 @@ def test_a_custom_subdir_never_lets_two_jobs_share_a_folder_and_continues_only_a
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
     again = kd(*base, "hydra.sweep.subdir=s${seed}")  # the same command: both kept
     assert again.stdout.count("finished before; kept as it is") == 2, again.stdout
+
+
+def test_seeds_are_never_pooled_across_teacher_files_checkpoints_or_code(tmp_path):
+    # one teacher path, two files behind it (replaced between sweeps); evaluations of two files at
+    # one path; the same command run by two versions of kd's code: each is its own group
+    code = {"losses.py": "1" * 16, "train.py": "2" * 16}
+    same = {"stage": "distill", "data_sha256": "a" * 64, "precision": "bf16", "threads": 2, "code_sha256": code}
+    teacher = lambda sha: {"teacher": {"path": "/t.pt", "sha256": sha * 64}}  # noqa: E731
+    jobs = [({**same, **teacher("c")}, 10), ({**same, **teacher("c")}, 20), ({**same, **teacher("d")}, 100),
+            ({**same, **teacher("c"), "code_sha256": {**code, "losses.py": "3" * 16}}, 1000),
+            ({**same, "teacher": [{"path": "/t.pt", "sha256": "c" * 64}, {"path": "/u.pt", "sha256": "e" * 64}]}, 5000)]
+    for num, (metrics, errors) in enumerate(jobs):
+        finished_job(tmp_path / "a" / f"{num}_seed={num}", [f"seed={num}"], {"seed": num, "teacher": "/t.pt"},
+                     {"test_errors": errors, **metrics})
+    ev = {"stage": "evaluate", "data_sha256": "a" * 64, "code_sha256": code}
+    for num, sha in enumerate("ffg"):
+        finished_job(tmp_path / "b" / f"{num}_seed={num}", [f"seed={num}"], {"seed": num, "checkpoint": "/s.pt"},
+                     {"test_errors": 7 + (sha == "g"), **ev, "checkpoint_files": [{"path": "/s.pt", "sha256": sha * 64}]})
+    from kd_cli.report import rows_of, swept_keys
+
+    rows = rows_of([tmp_path / "a"])
+    swept, _ = swept_keys(rows)
+    assert {"teacher_sha256", "code_sha256"} <= set(swept), swept
+    assert sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept)) == [(1, 100), (1, 1000), (1, 5000), (2, 15)]
+    rows = rows_of([tmp_path / "b"])
+    swept, _ = swept_keys(rows)
+    assert sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept)) == [(1, 8), (2, 7)], swept
