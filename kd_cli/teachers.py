@@ -18,8 +18,9 @@ TEACHER_STAGE = "train-teacher"
 def resolve_teacher(teacher, outputs="outputs", key="teacher"):
     """The teachers' checkpoint paths (a list): the newest `kd train-teacher` wrote when none is
     given; a path (`pretrained`: the teacher shipped with kd); a list of paths (an ensemble); or a
-    folder, meaning every checkpoint.pt in it and its job folders (a seed sweep of teachers:
-    teacher=outputs/train-teacher-sweep/<stamp>). key: the option it came from, for the messages."""
+    folder: a run's folder is its checkpoint.pt (not the runs a user saved inside it), a sweep's is
+    every job's (a seed sweep of teachers: teacher=outputs/train-teacher-sweep/<stamp>). key: the
+    option it came from, for the messages."""
     if teacher is None:
         path = newest_checkpoint(outputs, TEACHER_STAGE)
         if path is None:
@@ -33,7 +34,8 @@ def resolve_teacher(teacher, outputs="outputs", key="teacher"):
         path = Path(resolve_pretrained(item)).expanduser()
         if path.is_dir():
             _check_whole_sweep(path)
-            found = sorted([*path.glob("checkpoint.pt"), *path.glob("*/checkpoint.pt")])
+            found = [path / "checkpoint.pt"] if (path / "checkpoint.pt").is_file() else \
+                sorted(path.glob("*/checkpoint.pt"))
             if not found:
                 raise KDError(f"no checkpoint.pt in the {key} folder {path} or its job folders")
             paths += found

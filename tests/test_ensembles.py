@@ -94,6 +94,11 @@ def test_distill_from_a_seed_sweep_of_teachers_and_evaluate_the_ensemble(kd):
     proc = kd("evaluate", f"checkpoint={search}", check=False)  # not "evaluate its trials as an ensemble"
     assert proc.returncode == 2 and "is a search: its trials are candidates; pass the chosen" in proc.stderr
     assert metrics(kd.cwd / "matching")["loss"] == "logit_mse"
+    # a run's folder is its own checkpoint, not also the runs a user keeps inside it
+    one = ckpts[0].parent
+    kd("distill", f"teacher={one}", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={one / 'student'}")
+    kd("distill", f"teacher={one}", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={kd.cwd / 'from-folder'}")
+    assert metrics(kd.cwd / "from-folder")["teacher"]["path"] == str(ckpts[0].resolve())
 
 
 @pytest.fixture
