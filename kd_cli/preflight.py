@@ -182,6 +182,83 @@ def _check_read_by_evaluate(args, cfg):
                           "it counts test errors, on the whole test set: drop it, or give fit_bias=[...]")
 
 
+# keys that one stage reads and no other: typed for another stage (even added with +) they would
+# change nothing, and a report would show them as if they had
+ONLY_READ_BY = {"distill": ("T", "alpha", "loss", "teacher", "teacher_combine", "teacher_cache"),
+                "evaluate": ("checkpoint", "combine", "bias_shift", "fit_bias"),
+                "train-specialists": ("generalist", "clusters", "top_n")}
+# the recipes written for training stages other than kd distill (the rest set T: they distill)
+NOT_DISTILLING = ("student", "teacher", "hinton2012")
+
+
+def _typed(args):
+    return {typed_key(o) for o in args if "=" in o and not _is_hydra_key(o)}
+
+
+def check_read_by_stage(stage, args, cfg, compose_without):
+    """A key typed for a stage that does not read it: one another stage owns (T for kd
+    train-student, through a distillation recipe too), or one added with + that the stage's own
+    config lacks (`kd evaluate +epochs=5`); the run would look as if it had used it.
+    compose_without(prefixed): the stage's config without the overrides that add keys. A resumed
+    run continues as it began, with whatever it recorded."""
+    if cfg.get("resume"):
+        return
+    typed = _typed(args)
+    for owner, keys in ONLY_READ_BY.items():
+        stray = sorted(k for k in typed if k in keys and owner != stage)
+        if stray:
+            raise KDError(f"{stray[0]} is read by kd {owner} only: kd {stage} would ignore it; drop it")
+    recipe = OmegaConf.select(cfg, "hydra.runtime.choices.recipe", default=None)
+    if stage != "distill" and "recipe" in typed and "T" in cfg:
+        raise KDError(f"recipe={recipe} is a distillation recipe (it sets T, which kd {stage} does not read); "
+                      f"kd {stage} takes recipe={' | '.join(NOT_DISTILLING)}")
+    added = [o for o in args if o.startswith("+") and not o.startswith("++") and not _is_hydra_key(o)
+             and typed_key(o) not in cfg.hydra.runtime.choices]
+    if added:
+        base = compose_without({typed_key(o) for o in added})
+        for key in (typed_key(o) for o in added):
+            if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+                raise KDError(f"kd {stage} does not read {key} (added with +, its config has no such key); drop it")
+
+
+_ABSENT = object()
+
+
+def check_typed_pairs(stage, typed, job):
+    """Keys typed for a job whose other settings make them change nothing: a temperature for logit
+    matching (no softmax) or for alpha=1 (soft targets weighted 0), a way to combine teachers or
+    checkpoints other than the default where there is one, a schedule's knob for another schedule; swept, such a key would
+    be an axis along which every job computes the same."""
+    def refuse(key, why):
+        raise KDError(f"{key} changes nothing here: {why}; drop it")
+
+    def one(key):  # the job names one file (a folder may hold several); unknown until it exists
+        try:
+            return len(READS[stage][1](job[key])) == 1
+        except KDError:  # not there (yet): check_inputs or the job says so
+            return False
+    if stage == "distill":
+        if "T" in typed and job.loss == "logit_mse":
+            refuse("T", "loss=logit_mse matches logits, without a softmax at any temperature (to compare it with "
+                        "loss=kd over T, run it as a sweep of its own)")
+        if typed & {"T", "loss", "teacher_combine"} and float(job.alpha) == 1:
+            refuse(sorted(typed & {"T", "loss", "teacher_combine"})[0],
+                   "alpha=1 gives the soft targets weight 0 (plain hard-label training)")
+        if "teacher_combine" in typed and job.teacher_combine != "arithmetic":  # the default, typed or not
+            if job.loss == "logit_mse":
+                refuse("teacher_combine", "loss=logit_mse matches the teachers' mean logit")
+            if job.teacher is not None and one("teacher"):
+                refuse("teacher_combine", "it combines an ensemble's teachers, and there is one")
+    if stage == "evaluate" and "combine" in typed and job.combine != "arithmetic" and one("checkpoint"):
+        refuse("combine", "it combines an ensemble's checkpoints, and there is one")
+    if "optim.lr_decay" in typed and job.optim.schedule != "exponential":
+        refuse("optim.lr_decay", f"only optim.schedule=exponential reads it (this is {job.optim.schedule})")
+    if "optim.momentum_start" in typed and not job.optim.momentum_ramp_epochs:
+        refuse("optim.momentum_start", "momentum starts there only with optim.momentum_ramp_epochs > 0")
+    if "data.elastic.sigma" in typed and "elastic" in job.data and not job.data.elastic.scale:
+        refuse("data.elastic.sigma", "the elastic distortion is off while data.elastic.scale is 0")
+
+
 def _resolved(cfg, key):
     value = OmegaConf.select(cfg, key, default=None)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
@@ -220,7 +297,8 @@ def check_inputs(stage, cfg, loaded=None):
 # and the checks that join two keys (config.check: bias_shift with fit_bias or an ensemble, a
 # recipe with no T; _check_read_by_evaluate: data.val_size without fit_bias)
 JOINED = ("data.root", "data.name", "data.download", "teacher", "generalist", "checkpoint", "fit_bias", "bias_shift",
-          "data.val_size", "data.train_limit", "T", "device")
+          "data.val_size", "data.train_limit", "T", "device", "loss", "alpha", "teacher_combine", "combine",
+          "optim.schedule", "optim.momentum_ramp_epochs", "data.elastic.scale")
 REFERENCE = re.compile(r"\$\{([\w.]+)\}")  # ${seed}: a key another value interpolates
 
 
@@ -258,10 +336,11 @@ def _resolving(job, hydra_values):
 def check_jobs(stage, args, jobs, files, hydra_values=False):
     """For each job's config: the checks that join two keys, and where `files`, what it reads
     (check_inputs, once for each distinct set of files, each checkpoint loaded once)."""
-    seen, loaded = set(), {}
+    seen, loaded, typed = set(), {}, _typed(args)
     for job in jobs:
         with _resolving(job, hydra_values):
             config.check(stage, job)
+            check_typed_pairs(stage, typed, job)
             if stage == "evaluate":
                 _check_read_by_evaluate(args, job)
             reads = _reads(stage, job)
@@ -331,6 +410,9 @@ def check_overrides(stage, config_name, overrides):
             if hydra_values:
                 stack.enter_context(hydra_resolver_set(cfg))
             config.check(stage, cfg)
+            check_read_by_stage(stage, args, cfg, lambda added: compose(
+                config_name, overrides=[o for o in single if not (o.startswith("+") and typed_key(o) in added)],
+                return_hydra_config=True))
             search = run.is_search(cfg.hydra)
             if not multirun and sweeps and not search:  # Hydra's own message is a page long
                 raise KDError(_needs_multirun(stage, args))

@@ -569,3 +569,35 @@ def test_a_folder_it_cannot_write_in_is_refused_before_hydra_makes_it(kd, monkey
     refused(kd("train-student", *SMALL, f"hydra.run.dir={kd.cwd / 'ro' / 'run'}", check=False),
             "cannot write in", "Read-only file system", "choose a writable hydra.run.dir")
     assert not (kd.cwd / "ro").exists()
+
+
+# ---- a key the run would ignore ----------------------------------------------------------------
+
+def test_a_key_the_run_would_ignore_is_refused_before_any_folder_and_its_use_is_not(kd):
+    kd("train-teacher", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 't'}")
+    t = kd.cwd / "t" / "checkpoint.pt"
+    student, where = [*SMALL, "epochs=1"], ["hydra.run.dir=x", "hydra.sweep.dir=y"]
+    for args, says in [
+        (["train-student", "-m", "recipe=paper", "T=2,20", *student], "T is read by kd distill only"),
+        (["train-teacher", "recipe=elastic", *student], "recipe=elastic is a distillation recipe"),
+        (["train-specialists", f"generalist={t}", "recipe=paper", "T=7"], "T is read by kd distill only"),
+        (["train-student", "+alpha=0.5", *student], "alpha is read by kd distill only"),
+        (["distill", f"teacher={t}", "+fit_bias=[3]", *student], "fit_bias is read by kd evaluate only"),
+        (["evaluate", f"checkpoint={t}", "+epochs=5"], "kd evaluate does not read epochs"),
+        (["distill", "-m", f"teacher={t}", "loss=kd,logit_mse", "T=2,5", *student], "loss=logit_mse matches logits"),
+        (["distill", "-m", f"teacher={t}", "alpha=0.5,1", "T=2,5", *student], "alpha=1 gives the soft targets weight 0"),
+        (["distill", f"teacher={t}", "teacher_combine=geometric", *student], "an ensemble's teachers, and there is one"),
+        (["evaluate", f"checkpoint={t}", "combine=geometric"], "an ensemble's checkpoints, and there is one"),
+        (["train-student", "optim.lr_decay=0.5", *student], "only optim.schedule=exponential reads it"),
+        (["train-student", "optim.momentum_start=0.1", *student], "optim.momentum_ramp_epochs > 0"),
+        (["train-student", "data.elastic.sigma=10", *student], "data.elastic.scale is 0"),
+    ]:
+        refused(kd(*args, *where, check=False), says)
+        assert not (kd.cwd / "x").exists() and not (kd.cwd / "y").exists(), args
+    for n, args in enumerate([["train-student", "experiment=little_data", "data.val_size=100", *student],  # its T: exp. 3
+                              ["distill", f"teacher=[{t},{t}]", "teacher_combine=geometric", *student],
+                              ["evaluate", f"checkpoint=[{t},{t}]", "combine=geometric"],
+                              ["train-student", "optim.schedule=exponential", "optim.lr_decay=0.5", *student],
+                              ["train-student", "optim.momentum_ramp_epochs=1", "optim.momentum_start=0.5", *student],
+                              ["train-student", "data.elastic.scale=2", "data.elastic.sigma=3", *student]]):
+        kd(*args, f"hydra.run.dir={kd.cwd / 'ok' / str(n)}")
