@@ -133,7 +133,14 @@ def fit_bias_split(cfg, ckpt):
     is fitted on is the one the checkpoint's run held out, or data.val_size=N given here; refused
     where there is neither (never the test set)."""
     trained = (ckpt.get("config") or {}).get("data") or {}
-    val_size = int(cfg.data.val_size) or int(trained.get("val_size") or 0)
+    held = int(trained.get("val_size") or 0)
+    for key, given, then in (("val_size", cfg.data.val_size, held), ("train_limit", cfg.data.train_limit,
+                                                                     trained.get("train_limit"))):
+        if held and given not in (None, 0) and given != then:  # another split holds images it trained on
+            raise KDError(f"this checkpoint's run held out its validation split with data.{key}={then}, and a bias "
+                          f"is fitted on that split: drop data.{key}={given} (it would cut one that holds images "
+                          "the model trained on)")
+    val_size = int(cfg.data.val_size) or held
     if not val_size:
         raise KDError("fit_bias fits on a validation split, and this checkpoint was trained on the whole "
                       "training set: train it with data.val_size=10000, or pass data.val_size=N here "
@@ -205,10 +212,16 @@ def evaluate(cfg, out_dir):
     return metrics
 
 
+def _fitted_on(b):
+    if b.get("val_held_out_from_training") is False:
+        return " (fitted on training images the model trained on: its run held out no validation split)"
+    return " (fitted on the validation split)"
+
+
 def _print_bias(b):
     before, after = b["before"], b["after"]
     print(f"bias shift {', '.join(f'{c}: {v:+.2f}' for c, v in b['shift'].items())}"
-          f"{' (fitted on the validation split)' if 'fitted_on' in b else ''}: test errors {before['test_errors']} -> "
+          f"{_fitted_on(b) if 'fitted_on' in b else ''}: test errors {before['test_errors']} -> "
           f"{after['test_errors']}; on classes {sorted(int(c) for c in b['shift'])} "
           f"({after['on_shifted_classes']['images']} images) {before['on_shifted_classes']['errors']} -> "
           f"{after['on_shifted_classes']['errors']}", flush=True)

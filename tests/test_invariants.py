@@ -269,12 +269,20 @@ def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_
     fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
     assert fitted_on == held_out and not fitted_on & trained
     assert json.loads((kd.cwd / "e" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is True
-    # another train_limit cuts the split elsewhere, among images the run trained on: the record says so
+    # another train_limit or val_size would cut the split elsewhere, among images the run trained on
+    for other in ("data.train_limit=500", "data.val_size=200"):
+        proc = kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", other, f"hydra.run.dir={kd.cwd / 'e2'}", check=False)
+        assert proc.returncode == 2 and "held out its validation split with" in proc.stderr, proc.stderr
+        assert not (kd.cwd / "e2").exists()
+    # a run that held out none: a split given here is cut from images it trained on, and it says so
+    kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.train_limit=400", f"hydra.run.dir={kd.cwd / 'n'}")
     forwards.clear()
-    kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", "data.train_limit=500", f"hydra.run.dir={kd.cwd / 'e2'}")
+    proc = kd("evaluate", f"checkpoint={kd.cwd / 'n' / 'checkpoint.pt'}", "fit_bias=[3]", "data.val_size=100",
+              f"hydra.run.dir={kd.cwd / 'e3'}")
     fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
-    assert fitted_on & trained  # what the flag must not hide
-    assert json.loads((kd.cwd / "e2" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is False
+    assert fitted_on and fitted_on <= set(rows(train_x[:400]))  # what the flag and the line must not hide
+    assert json.loads((kd.cwd / "e3" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is False
+    assert "(fitted on training images the model trained on" in proc.stdout, proc.stdout
 
 
 def test_a_fraction_of_the_transfer_set_reaches_the_run_stratified_and_fixed_by_its_own_seed(kd, forwards):
