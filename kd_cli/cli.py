@@ -145,6 +145,9 @@ def _pin_newest_teacher(stage, overrides):
     newest = newest_checkpoint("outputs", TEACHER_STAGE)
     if newest is None:  # left unset: preflight says there is none, after the values are checked
         return overrides
+    # said, since the newest by file time may be a smoke run trained after the one meant
+    print(f"kd: {key}={newest.resolve()} (the newest kd train-teacher checkpoint under outputs/)", file=sys.stderr,
+          flush=True)
     return [*(o for o in overrides if typed_key(o) != key), f"{key}={newest.resolve()}"]
 
 

@@ -48,6 +48,7 @@ def test_four_stages_end_to_end(kd):
     d = metrics_of(d_dir)
     assert d["T"] == 5 and d["alpha"] == 0.3
     assert d["teacher"]["path"] == str((t_dir / "checkpoint.pt").resolve())
+    assert f"teacher={(t_dir / 'checkpoint.pt').resolve()} (the newest" in distilled.stderr  # said, not only recorded
     assert d["teacher"]["sha256"] == sha256_of(t_dir / "checkpoint.pt")
     assert torch.load(d_dir / "checkpoint.pt", weights_only=True)["teacher"]["sha256"] == d["teacher"]["sha256"]
     assert last_line(distilled) == f"test errors: {d['test_errors']} / 200"
