@@ -15,6 +15,7 @@ import json
 import math
 import re
 import statistics
+from collections import Counter
 from itertools import groupby
 from pathlib import Path
 
@@ -298,19 +299,30 @@ def swept_keys(rows):
     return swept, fixed
 
 
-def seed_groups(rows, swept):
+def seed_groups(rows, swept, unfinished=False):
     """Done jobs grouped by every swept value but the seed: mean, spread (sample std), min, max;
-    `rows` the members (their validation errors choose between groups)."""
+    `rows` the members (their validation errors choose between groups); `launched` how many jobs
+    the setting has in all (one that failed, diverged or has not finished counts there, not in the
+    statistics). With `unfinished`, also the settings none of whose jobs is done (n 0, no statistics)."""
     others = [k for k in swept if k != SEED]
     key = lambda r: tuple(str(_same(r["values"].get(k))) for k in others)  # noqa: E731
+    launched = Counter(map(key, rows))
     done = sorted((r for r in rows if r["status"] == "done"), key=key)
     groups = []
-    for _, members in groupby(done, key=key):
+    for k, members in groupby(done, key=key):
         members = list(members)
         errs = [r["test_errors"] for r in members]
         groups.append({"values": {k: members[0]["values"].get(k) for k in others}, "n": len(errs),
-                       "mean": statistics.mean(errs), "std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
+                       "launched": launched[k], "mean": statistics.mean(errs),
+                       "std": statistics.stdev(errs) if len(errs) > 1 else 0.0,
                        "min": min(errs), "max": max(errs), "rows": members})
+    if unfinished:
+        seen = {key(r) for r in done}
+        for r in rows:
+            if key(r) not in seen:
+                seen.add(key(r))
+                groups.append({"values": {k: r["values"].get(k) for k in others}, "n": 0, "launched": launched[key(r)],
+                               "mean": None, "std": None, "min": None, "max": None, "rows": []})
     return groups
 
 
@@ -334,6 +346,8 @@ def best_setting(rows, swept):
     order = {id(r): i for i, r in enumerate(rows)}  # job order: the first of equals is the first job's
     scored = []
     for g in sorted(seed_groups(rows, swept), key=lambda g: min(order[id(r)] for r in g["rows"])):
+        if g["n"] < g["launched"]:  # a seed that failed or is unfinished: not yet a setting to choose
+            continue
         validated = [r for r in g["rows"] if r["val_errors"] is not None]
         if len(validated) == len(g["rows"]):
             scored.append((statistics.mean(map(_val_rate, validated)), g))
@@ -363,8 +377,13 @@ def markdown(rows, swept, fixed, groups=None, found=None):
         lines += ["", "Over seeds:", "", "| " + " | ".join([*others, "seeds", "mean", "std", "min", "max"]) + " |",
                   "|" + " --- |" * (len(others) + 5)]
         for g in groups:
-            lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), str(g["n"]), f"{g['mean']:.1f}",
-                                            f"{g['std']:.1f}", str(g["min"]), str(g["max"])]) + " |")
+            stats = ["", "", "", ""] if not g["n"] else [f"{g['mean']:.1f}", f"{g['std']:.1f}", str(g["min"]), str(g["max"])]
+            seeds = str(g["n"]) if g["n"] == g["launched"] else f"{g['n']} of {g['launched']}"
+            lines.append("| " + " | ".join([*(str(g["values"][k]) for k in others), seeds, *stats]) + " |")
+        if any(g["n"] < g["launched"] for g in groups):
+            lines += ["", "A setting with fewer seeds done than launched (\"n of m\": the others failed, diverged or "
+                      "have not finished) has its statistics over the done ones only, and is no candidate for the "
+                      "best by validation."]
     if found is not None:  # best_setting(rows, swept)
         best, tied = found
         setting = lambda g: ", ".join(f"`{k}={_short(v)}`" for k, v in g["values"].items()) or "its settings"  # noqa: E731
@@ -408,7 +427,7 @@ def report(paths, out=None):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KDError(f"cannot make the report folder {out}: {e.strerror or e}") from None
-    groups = seed_groups(rows, swept) if SEED in swept else None
+    groups = seed_groups(rows, swept, unfinished=True) if SEED in swept else None
     found = best_setting(rows, swept)
     text = markdown(rows, swept, fixed, groups, found)
     if any(is_search_folder(p) for p in paths):

@@ -120,8 +120,9 @@ def test_seed_groups_give_the_mean_and_sample_spread_of_each_setting():
     groups = {g["values"]["T"]: g for g in seed_groups(rows, ["T", "seed"])}
     # seeds 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / (3 - 1) = 7
     summary = {k: v for k, v in groups["2"].items() if k != "rows"}
-    assert summary == {"values": {"T": "2"}, "n": 3, "mean": 3, "std": pytest.approx(7 ** 0.5), "min": 1, "max": 6}
+    assert summary == {"values": {"T": "2"}, "n": 3, "launched": 3, "mean": 3, "std": pytest.approx(7 ** 0.5), "min": 1, "max": 6}
     assert [r["test_errors"] for r in groups["2"]["rows"]] == [1, 2, 6]
+    assert (groups["5"]["n"], groups["5"]["launched"]) == (2, 3)  # the failed seed counts as launched, not in the mean
     assert groups["5"]["n"] == 2 and groups["5"]["mean"] == 4 and groups["5"]["std"] == 0
 
 
@@ -429,3 +430,21 @@ def test_seeds_are_never_pooled_across_teacher_files_checkpoints_or_code(tmp_pat
     rows = rows_of([tmp_path / "b"])
     swept, _ = swept_keys(rows)
     assert sorted((g["n"], g["mean"]) for g in seed_groups(rows, swept)) == [(1, 8), (2, 7)], swept
+
+
+def test_a_setting_whose_seeds_did_not_all_finish_says_so_and_is_never_the_best(tmp_path):
+    # lr=0.1: three seeds done; lr=0.2: the best validation errors, but one of its seeds diverged;
+    # lr=0.3: every seed failed
+    for num, (lr, seed, val) in enumerate([(0.1, 0, 30), (0.1, 1, 30), (0.1, 2, 30), (0.2, 0, 10), (0.2, 1, 10),
+                                           (0.2, 2, None), (0.3, 0, None), (0.3, 1, None)]):
+        folder = tmp_path / f"{num}_lr={lr},seed={seed}"
+        if val is None:
+            finished_job(folder, [f"lr={lr}", f"seed={seed}"], {"lr": lr, "seed": seed}, {"test_errors": 0})
+            (folder / "metrics.json").unlink()
+            (folder / "error.txt").write_text("training diverged at epoch 1\n")
+        else:
+            finished_job(folder, [f"lr={lr}", f"seed={seed}"], {"lr": lr, "seed": seed},
+                         {"test_errors": 100 - val, "val_errors": val, "val_size": 1000})
+    text = report([tmp_path])
+    assert "| 0.1 | 3 | 70.0 |" in text and "| 0.2 | 2 of 3 | 90.0 |" in text and "| 0.3 | 0 of 2 |  |" in text, text
+    assert "Best by validation: 0, 1, 2 (`lr=0.1`)" in text, text
