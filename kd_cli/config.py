@@ -203,6 +203,10 @@ def check(stage, cfg):
     if unknown is not None:
         raise KDError(f"unknown key '{unknown}' for kd {stage} (added with +: nothing reads it){_closest(unknown)}; "
                       f"`kd {stage} --cfg job` lists the keys")
+    data = cfg.get("data") or {}
+    if data.get("train_limit") is not None and data.get("val_size") and data.val_size >= data.train_limit:
+        # found here, before the run's folder exists (the stage would refuse it inside a folder left behind)
+        raise KDError(f"data.val_size={data.val_size} leaves no training images of data.train_limit={data.train_limit}")
     if cfg.get("bias_shift") and cfg.get("fit_bias"):
         raise KDError("give bias_shift or fit_bias, not both")
     if (cfg.get("bias_shift") or cfg.get("fit_bias")) and OmegaConf.is_list(cfg.get("checkpoint")) and len(cfg.checkpoint) > 1:

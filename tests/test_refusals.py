@@ -331,6 +331,7 @@ def test_a_run_begun_with_a_key_added_with_plus_still_resumes(kd):
     (["distill", "lr=nan"], "lr must be a finite number > 0"),
     (["train-student", "seed=18446744073709551616"], "seed must be an integer in 0.."),
     (["train-student", "seed=-1"], "seed must be"),
+    (["train-student", "data.train_limit=100", "data.val_size=100"], "leaves no training images of data.train_limit=100"),
     (["train-student", "model.hidden=[true]"], "model.hidden must be a list of layer widths"),
     (["train-student", "model.hidden=[]"], "model.hidden must be"),
     (["train-student", "model.hidden=[16,0]"], "model.hidden must be"),
