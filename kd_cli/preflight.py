@@ -209,6 +209,15 @@ def check_read_by_stage(stage, args, cfg, compose_without):
         if stray:
             raise KDError(f"{stray[0]} is read by kd {owner} only: kd {stage} would ignore it; drop it")
     recipe = OmegaConf.select(cfg, "hydra.runtime.choices.recipe", default=None)
+    if stage == "train-specialists" and "recipe" in typed:  # its own epochs and lr come after any recipe
+        raise KDError("kd train-specialists fine-tunes with its own epochs and lr over the student recipe; a recipe= "
+                      "would apply only in part: set epochs=, lr=, batch_size= or optim.* instead")
+    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    if experiment and "recipe" in typed:
+        overridden = sorted(k for k in _preset_keys(experiment) if k in RECIPE_KEYS and k not in typed)
+        if overridden:  # the preset, applied last, would set them over the typed recipe's
+            raise KDError(f"experiment={experiment} sets {', '.join(overridden)} over recipe={recipe}'s: give "
+                          f"{overridden[0]}= too (the value you mean), or drop recipe=")
     if stage != "distill" and "recipe" in typed and "T" in cfg:
         raise KDError(f"recipe={recipe} is a distillation recipe (it sets T, which kd {stage} does not read); "
                       f"kd {stage} takes recipe={' | '.join(NOT_DISTILLING)}")
@@ -222,6 +231,22 @@ def check_read_by_stage(stage, args, cfg, compose_without):
 
 
 _ABSENT = object()
+# what a recipe (conf/recipe/) sets: an experiment preset that sets one too overrides a typed recipe
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "T", "data.jitter", *(k for k in config.SCHEMA if k.startswith("optim.")))
+
+
+def _preset_keys(experiment):
+    """The dotted keys conf/experiment/<experiment>.yaml sets (its defaults list aside)."""
+    from importlib import resources
+
+    tree = OmegaConf.to_container(OmegaConf.create(
+        resources.files(CONFIG_MODULE).joinpath("experiment", f"{experiment}.yaml").read_text()))
+    tree.pop("defaults", None)
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return set(flat(tree))
 
 
 def check_typed_pairs(stage, typed, job):

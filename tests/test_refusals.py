@@ -602,3 +602,20 @@ def test_a_key_the_run_would_ignore_is_refused_before_any_folder_and_its_use_is_
                               ["train-student", "optim.momentum_ramp_epochs=1", "optim.momentum_start=0.5", *student],
                               ["train-student", "data.elastic.scale=2", "data.elastic.sigma=3", *student]]):
         kd(*args, f"hydra.run.dir={kd.cwd / 'ok' / str(n)}")
+
+
+def test_a_preset_that_would_override_a_typed_recipe_or_a_stage_that_would_half_apply_one_is_refused(kd):
+    kd("train-teacher", *SMALL, "epochs=1", f"hydra.run.dir={kd.cwd / 't'}")
+    t = kd.cwd / "t" / "checkpoint.pt"
+    for args, says in ((["distill", f"teacher={t}", "experiment=only78", "recipe=distill"],
+                        "experiment=only78 sets epochs over recipe=distill's"),
+                       (["distill", f"teacher={t}", "experiment=little_data", "recipe=distill"], "sets epochs, lr over"),
+                       (["train-specialists", f"generalist={t}", "recipe=teacher"], "would apply only in part")):
+        refused(kd(*args, "hydra.run.dir=x", check=False), says)
+        assert not (kd.cwd / "x").exists()
+    # the recipe's keys typed too, or a preset that sets none of them: as typed
+    kd("distill", f"teacher={t}", "experiment=only78", "recipe=distill", "epochs=1", "data.val_size=100", *SMALL,
+       f"hydra.run.dir={kd.cwd / 'a'}")
+    kd("distill", f"teacher={t}", "experiment=omit3", "recipe=elastic", "epochs=1", "data.val_size=100", *SMALL,
+       f"hydra.run.dir={kd.cwd / 'b'}")
+    assert json.loads((kd.cwd / "b" / "metrics.json").read_text())["T"] == 5  # recipe=elastic's, not the preset's 20
