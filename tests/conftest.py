@@ -28,11 +28,27 @@ def load_script(name):
     return module
 
 
+def _check_installed_from_this_checkout():
+    """kd's code, configs and shipped teacher must be this checkout's: an editable install maps
+    kd_cli.conf and kd_cli.pretrained to the checkout it was made from, so a second checkout with
+    PYTHONPATH set (or another's venv) would test its code against the first one's configs."""
+    import importlib
+
+    here = SCRIPTS.parent
+    for name, folder in (("kd_cli", "kd_cli"), ("kd_cli.conf", "conf"), ("kd_cli.pretrained", "pretrained")):
+        found = Path(next(iter(importlib.import_module(name).__path__))).resolve()
+        if found != (here / folder).resolve():
+            pytest.exit(f"{name} is imported from {found}, not from this checkout ({here / folder}): run "
+                        f"`pip install -e .` here (in this checkout's venv) so that the tests test this checkout",
+                        returncode=4)
+
+
 def pytest_addoption(parser):
     parser.addoption("--reverse", action="store_true", help="run the tests in reverse order")
 
 
 def pytest_configure(config):
+    _check_installed_from_this_checkout()
     config.addinivalue_line("markers", "subprocess: runs the installed `kd` as a real process "
                             "(signals, launchers); select with -m subprocess")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; CI has none): "
