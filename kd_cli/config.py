@@ -117,7 +117,8 @@ SCHEMA = {
     "data.transfer.include": null_or(digits()),
     "data.transfer.fraction": number(0, 1, low_open=True),
     "data.transfer.seed": integer(0, SEED_MAX),
-    # the recipe
+    # the recipe; a new optim.* knob: here, the optim: block of each of conf/recipe/student.yaml,
+    # teacher.yaml and hinton2012.yaml (the others inherit student's), train.Recipe, prepare.recipe_of
     "epochs": integer(1),
     "batch_size": integer(1),
     "lr": number(0, low_open=True),

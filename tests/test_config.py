@@ -1,4 +1,6 @@
 """Every stage's config composes from the installed package, and the presets do what they say."""
+import json
+
 import pytest
 from hydra import compose, initialize_config_module
 
@@ -104,3 +106,27 @@ def test_T_has_one_default_per_distill_recipe():
     assert composed("distill", "recipe=paper", "T=3").T == 3
     with pytest.raises(KDError, match="T has no value: recipe=student"):
         validate("distill", composed("distill", "recipe=student"))
+
+
+@pytest.mark.parametrize("stage, recipe", [("train-student", "student"), ("train-teacher", "teacher"),
+                                           ("train-teacher", "hinton2012"), ("distill", "distill"),
+                                           ("distill", "paper"), ("distill", "elastic")])
+def test_every_recipe_sets_every_optim_key_the_schema_knows(stage, recipe):
+    """conf/recipe/ writes its optim: block out in three files: a key added to the schema and to one
+    of them would be an unknown key for the stages of the others."""
+    from kd_cli.config import SCHEMA
+
+    optim = composed(stage, f"recipe={recipe}").optim
+    assert sorted(f"optim.{k}" for k in optim) == sorted(k for k in SCHEMA if k.startswith("optim."))
+
+
+def test_every_loss_kd_lists_trains_a_student(kd):
+    """config.LOSSES is the list a user picks from: each must run end to end, not only pass the schema."""
+    from kd_cli.config import LOSSES
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={kd.cwd / 't'}")
+    for loss in LOSSES:
+        kd("distill", f"teacher={kd.cwd / 't' / 'checkpoint.pt'}", f"loss={loss}", "model.hidden=[16]", "epochs=1",
+           f"hydra.run.dir={kd.cwd / loss}")
+        m = json.loads((kd.cwd / loss / "metrics.json").read_text())
+        assert m["loss"] == loss and 0 <= m["test_errors"] <= m["test_total"]
