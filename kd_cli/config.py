@@ -12,7 +12,10 @@ LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al
 # teachers.SoftTargets.combined (what the student matches), conf/distill.yaml's comment
 SCHEDULES = ("onecycle", "cosine", "exponential", "constant")
 SGD_UPDATES = ("fused", "foreach")
-DATASETS = ("mnist", "fashion_mnist")  # data.DATASETS maps each to its folder; each has conf/data/<name>.yaml
+# data.name -> torchvision's class and folder (<root>/<folder>/raw); each has conf/data/<name>.yaml.
+# Kept here, not in data.py, whose code a run's provenance records: a new data set changes no
+# computing module, so stopped runs still resume and cached teacher logits stay valid.
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 # Where the soft loss is computed accurately in float32: below 0.01 logits / T overflow for
 # logits of a few hundred; above 1000 KL(p || q) is smaller than float32's rounding of log p
 # and log q, so the loss is noise (T=1e6 gave a negative loss of -5578).

@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import sha256_of
+from .config import DATASETS
 from .errors import KDError
 
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
-
-# data.name -> torchvision class and folder; the keys are config.DATASETS (the schema's list)
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
 def read_idx(path):
@@ -56,6 +54,26 @@ def check_present(root, name="mnist"):
                       f"that holds {folder}/raw, or allow data.download=true where the internet is reachable")
 
 
+def fetch(root, name="mnist"):
+    """Download the data set's files into root where any is missing (torchvision's downloader), or
+    refuse, leaving no folder the attempt made (kd's preflight calls it before a run's folder exists)."""
+    files = raw_files(root, name)
+    if all(f.is_file() for f in files):
+        return
+    import torchvision.datasets  # only to fetch the files: its import is slow
+
+    folder, root = DATASETS[name], Path(os.path.expanduser(str(root)))
+    made = [p for p in (root, root / folder, root / folder / "raw") if not p.exists()]
+    try:
+        getattr(torchvision.datasets, folder)(str(root), train=True, download=True)
+    except (RuntimeError, OSError) as e:
+        for p in reversed(made):  # what the attempt created, if it holds nothing
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise KDError(f"could not download {folder} into {root} ({str(e).splitlines()[0]}); "
+                      f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
+
+
 def data_sha256(root, name="mnist"):
     """One sha256 of the data set's four files (of their sha256s, in turn), or None while any is
     missing (the run downloads them, or says where they belong): what a run records it trained on."""
@@ -70,19 +88,9 @@ def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist
     MNIST or of Fashion-MNIST (the same file format, in root/FashionMNIST/raw)."""
     if name not in DATASETS:
         raise KDError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
-    folder = DATASETS[name]
     root = Path(os.path.expanduser(str(root)))
     files = raw_files(root, name)
-    if not download:
-        check_present(root, name)
-    elif not all(f.is_file() for f in files):
-        import torchvision.datasets  # only to fetch the files: its import is slow
-
-        try:
-            getattr(torchvision.datasets, folder)(str(root), train=True, download=True)
-        except (RuntimeError, OSError) as e:
-            raise KDError(f"could not download {folder} into {root} ({str(e).splitlines()[0]}); "
-                          f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
+    fetch(root, name) if download else check_present(root, name)
     train_images, train_labels, test_images, test_labels = (read_idx(f) for f in files)
     if train_limit is not None:
         train_images, train_labels = train_images[:train_limit], train_labels[:train_limit]

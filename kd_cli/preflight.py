@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import config, provenance, run
 from .config import typed_key
-from .data import check_present
+from .data import check_present, fetch
 from .errors import KDError
 from .stages import fit_bias_split
 from .teachers import READS, check_same_data, load_model
@@ -305,8 +305,8 @@ def check_inputs(stage, cfg, loaded=None):
     found here, the refusal leaves no failed run folder behind. loaded: {path: checkpoint record}
     of files already loaded, shared by a sweep's jobs."""
     loaded = {} if loaded is None else loaded
-    if not cfg.data.download:
-        check_present(cfg.data.root, cfg.data.name)
+    # the files, fetched now where they may be (a failed download then leaves no run folder)
+    fetch(cfg.data.root, cfg.data.name) if cfg.data.download else check_present(cfg.data.root, cfg.data.name)
     if stage in READS:
         key, resolve, _ = READS[stage]
         for path in resolve(cfg[key]):

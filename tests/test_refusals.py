@@ -619,3 +619,21 @@ def test_a_preset_that_would_override_a_typed_recipe_or_a_stage_that_would_half_
     kd("distill", f"teacher={t}", "experiment=omit3", "recipe=elastic", "epochs=1", "data.val_size=100", *SMALL,
        f"hydra.run.dir={kd.cwd / 'b'}")
     assert json.loads((kd.cwd / "b" / "metrics.json").read_text())["T"] == 5  # recipe=elastic's, not the preset's 20
+
+
+def test_a_download_that_fails_is_refused_before_any_run_folder_and_leaves_no_folder_of_its_own(kd, monkeypatch):
+    import torchvision.datasets
+
+    tried = []
+
+    def offline(root, train, download):  # what torchvision does with no internet: make the folder, then fail
+        tried.append(root)
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    empty = kd.cwd / "nowhere"
+    proc = kd("train-student", *SMALL, "epochs=1", f"data.root={empty}", "data.download=true", "hydra.run.dir=x",
+              check=False)
+    refused(proc, "could not download MNIST into", "set KD_DATA_ROOT")
+    assert tried and not empty.exists() and not (kd.cwd / "x").exists()
