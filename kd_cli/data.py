@@ -4,8 +4,8 @@ split, the transfer set, and the training-time augmentations (jitter, elastic di
 A new augmentation also needs: its keys in conf/data/mnist.yaml and config.SCHEMA; a reader in
 prepare.py (like elastic_of); a train() argument and its line in the step; passing it on in
 stages._fit_and_finish, stages.train_specialists and specialists.train_specialist; stages.distill's
-per_batch (cached teacher targets are for unaugmented images); run.RESUMES_ACROSS, so that runs
-recorded before the key resume with it off."""
+per_batch (cached teacher targets are for unaugmented images). Runs stopped before the change do
+not resume across it: the code they ran is recorded and checked (provenance.py)."""
 import hashlib
 import math
 import os

@@ -510,8 +510,10 @@ def check_overrides(stage, config_name, overrides):
                 run.check_writable(cfg.hydra.run.dir)
                 if cfg.get("resume"):
                     resumed = compose(config_name, overrides=single)
-                    run.check_resume_config(cfg.resume, OmegaConf.to_container(resumed))
+                    # the code first: a kd that adds a key also changes the config it composes, and
+                    # "a config file changed" would name the symptom, not the cause
                     provenance.check_resume(cfg.resume, resumed)
+                    run.check_resume_config(cfg.resume, OmegaConf.to_container(resumed))
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
             # what the jobs will read, in every combination a sweep gives it: unless a finished sweep

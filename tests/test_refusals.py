@@ -207,6 +207,12 @@ def test_a_stopped_run_resumes_only_with_the_code_and_data_files_it_started_with
     before = snapshot(run_dir)
     refused(kd("train-student", f"resume={run_dir}", check=False), "kd's code", "losses.py", "start a new run")
     assert snapshot(run_dir) == before
+    # another kd also composes another config: the refusal names the code, the cause, not the config
+    config = run_dir / ".hydra" / "config.yaml"
+    kept = config.read_text()
+    config.write_text(kept + "added_by_another_kd: 1\n")
+    refused(kd("train-student", f"resume={run_dir}", check=False), "kd's code", "losses.py")
+    config.write_text(kept)
     state_path.write_bytes(original)
     other = write_root(tmp_path / "other-data", seed=1)  # the same file names and sizes, other images
     before = snapshot(run_dir)
