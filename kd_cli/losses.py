@@ -36,7 +36,7 @@ def with_hard_labels(weighted_soft_term, student_logits, labels, alpha):
     if alpha < 1:
         loss = weighted_soft_term(1 - alpha)
     if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student_logits, labels)
+        loss = loss + alpha * hard_label_loss(student_logits, labels)  # one hard-label term for every stage
     return loss
 
 
