@@ -148,9 +148,11 @@ def job_dirs(compose_job, jobs, sweep_dir):
     dirs, first = [], {}
     for num, job in enumerate(jobs):
         cfg = compose_job(job)
-        with open_dict(cfg):
+        with open_dict(cfg):  # as Hydra's launcher sets them for job `num`
             cfg.hydra.job.num = num
-        folder = Path(sweep_dir) / str(cfg.hydra.sweep.subdir)
+            cfg.hydra.job.id = num
+        with hydra_resolver_set(cfg):  # ${hydra:runtime.choices.model} reads the job's own
+            folder = Path(sweep_dir) / str(cfg.hydra.sweep.subdir)
         if folder in first:
             a = first[folder]
             raise KDError(f"jobs {a} ({' '.join(jobs[a]) or 'no overrides'}) and {num} ({' '.join(job)}) would both "
@@ -197,30 +199,18 @@ def _typed(args):
 
 def check_read_by_stage(stage, args, cfg, compose_without):
     """A key typed for a stage that does not read it: one another stage owns (T for kd
-    train-student, through a distillation recipe too), or one added with + that the stage's own
-    config lacks (`kd evaluate +epochs=5`); the run would look as if it had used it.
-    compose_without(prefixed): the stage's config without the overrides that add keys. A resumed
-    run continues as it began, with whatever it recorded."""
-    if cfg.get("resume"):
-        return
+    train-student), or one added with + that the stage's own config lacks (`kd evaluate
+    +epochs=5`); the run would look as if it had used it. compose_without(prefixed): the stage's
+    config without the overrides that add keys. (Not asked of a run or sweep that continues: it goes
+    on as it began.)"""
     typed = _typed(args)
     for owner, keys in ONLY_READ_BY.items():
         stray = sorted(k for k in typed if k in keys and owner != stage)
         if stray:
             raise KDError(f"{stray[0]} is read by kd {owner} only: kd {stage} would ignore it; drop it")
-    recipe = OmegaConf.select(cfg, "hydra.runtime.choices.recipe", default=None)
     if stage == "train-specialists" and "recipe" in typed:  # its own epochs and lr come after any recipe
         raise KDError("kd train-specialists fine-tunes with its own epochs and lr over the student recipe; a recipe= "
                       "would apply only in part: set epochs=, lr=, batch_size= or optim.* instead")
-    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
-    if experiment and "recipe" in typed:
-        overridden = sorted(k for k in _preset_keys(experiment) if k in RECIPE_KEYS and k not in typed)
-        if overridden:  # the preset, applied last, would set them over the typed recipe's
-            raise KDError(f"experiment={experiment} sets {', '.join(overridden)} over recipe={recipe}'s: give "
-                          f"{overridden[0]}= too (the value you mean), or drop recipe=")
-    if stage != "distill" and "recipe" in typed and "T" in cfg:
-        raise KDError(f"recipe={recipe} is a distillation recipe (it sets T, which kd {stage} does not read); "
-                      f"kd {stage} takes recipe={' | '.join(NOT_DISTILLING)}")
     added = [o for o in args if o.startswith("+") and not o.startswith("++") and not _is_hydra_key(o)
              and typed_key(o) not in cfg.hydra.runtime.choices]
     if added:
@@ -230,32 +220,60 @@ def check_read_by_stage(stage, args, cfg, compose_without):
                 raise KDError(f"kd {stage} does not read {key} (added with +, its config has no such key); drop it")
 
 
+def check_recipe(stage, typed, job):
+    """A typed recipe= that the job would not run as typed: a distillation recipe (it sets T) for a
+    training stage, or one whose keys the job's experiment preset, applied last, sets over it
+    (experiment=only78 sets the epochs). Asked of every job: a sweep of recipes or presets is one
+    job each."""
+    if "recipe" not in typed:
+        return
+    recipe = OmegaConf.select(job, "hydra.runtime.choices.recipe", default=None)
+    if stage != "distill" and "T" in job:
+        raise KDError(f"recipe={recipe} is a distillation recipe (it sets T, which kd {stage} does not read); "
+                      f"kd {stage} takes recipe={' | '.join(NOT_DISTILLING)}")
+    experiment = OmegaConf.select(job, "hydra.runtime.choices.experiment", default=None)
+    if experiment:
+        keys, own = _preset(experiment)
+        overridden = sorted(k for k in keys if k in RECIPE_KEYS and k not in typed)
+        if overridden and recipe != own:  # the preset, applied last, would set them over the typed recipe's
+            raise KDError(f"experiment={experiment} sets {', '.join(overridden)} over recipe={recipe}'s: give "
+                          f"{overridden[0]}= too (the value you mean), or drop recipe=")
+
+
 _ABSENT = object()
 # what a recipe (conf/recipe/) sets: an experiment preset that sets one too overrides a typed recipe
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "T", "data.jitter", *(k for k in config.SCHEMA if k.startswith("optim.")))
 
 
-def _preset_keys(experiment):
-    """The dotted keys conf/experiment/<experiment>.yaml sets (its defaults list aside)."""
+def _preset(experiment):
+    """(the dotted keys conf/experiment/<experiment>.yaml sets, the recipe it builds on); nothing for
+    a preset kd does not ship (a user's, on hydra.searchpath), which is left as Hydra composes it."""
     from importlib import resources
 
-    tree = OmegaConf.to_container(OmegaConf.create(
-        resources.files(CONFIG_MODULE).joinpath("experiment", f"{experiment}.yaml").read_text()))
-    tree.pop("defaults", None)
+    try:
+        tree = OmegaConf.to_container(OmegaConf.create(
+            resources.files(CONFIG_MODULE).joinpath("experiment", f"{experiment}.yaml").read_text()))
+    except FileNotFoundError:
+        return set(), None
+    defaults = tree.pop("defaults", None) or []
+    own = next((d["override /recipe"] for d in defaults if isinstance(d, dict) and "override /recipe" in d), None)
 
     def flat(node, prefix=""):
         for k, v in node.items():
             yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-    return set(flat(tree))
+    return set(flat(tree)), own
 
 
-def check_typed_pairs(stage, typed, job):
-    """Keys typed for a job whose other settings make them change nothing: a temperature for logit
-    matching (no softmax) or for alpha=1 (soft targets weighted 0), a way to combine teachers or
-    checkpoints other than the default where there is one, a schedule's knob for another schedule; swept, such a key would
-    be an axis along which every job computes the same."""
+def inert_keys(stage, typed, job):
+    """{key: why} of the keys typed for a job that its other settings make change nothing: a
+    temperature for logit matching (no softmax) or for alpha=1 (soft targets weighted 0), a way to
+    combine teachers or checkpoints other than the default where there is one, a schedule's knob for
+    another schedule. check_jobs refuses a key that is inert in every job of a command: typed for
+    nothing (swept, an axis along which every job computes the same)."""
+    found = {}
+
     def refuse(key, why):
-        raise KDError(f"{key} changes nothing here: {why}; drop it")
+        found.setdefault(key, why)
 
     def one(key):  # the job names one file (a folder may hold several); unknown until it exists
         try:
@@ -266,9 +284,10 @@ def check_typed_pairs(stage, typed, job):
         if "T" in typed and job.loss == "logit_mse":
             refuse("T", "loss=logit_mse matches logits, without a softmax at any temperature (to compare it with "
                         "loss=kd over T, run it as a sweep of its own)")
-        if typed & {"T", "loss", "teacher_combine"} and float(job.alpha) == 1:
-            refuse(sorted(typed & {"T", "loss", "teacher_combine"})[0],
-                   "alpha=1 gives the soft targets weight 0 (plain hard-label training)")
+        if float(job.alpha) == 1:
+            for key in sorted(typed & {"T", "loss", "teacher_combine"}):
+                if key == "T" or job[key] not in ("kd", "arithmetic"):  # typed as the default: harmless
+                    refuse(key, "alpha=1 gives the soft targets weight 0 (plain hard-label training)")
         if "teacher_combine" in typed and job.teacher_combine != "arithmetic":  # the default, typed or not
             if job.loss == "logit_mse":
                 refuse("teacher_combine", "loss=logit_mse matches the teachers' mean logit")
@@ -282,6 +301,7 @@ def check_typed_pairs(stage, typed, job):
         refuse("optim.momentum_start", "momentum starts there only with optim.momentum_ramp_epochs > 0")
     if "data.elastic.sigma" in typed and "elastic" in job.data and not job.data.elastic.scale:
         refuse("data.elastic.sigma", "the elastic distortion is off while data.elastic.scale is 0")
+    return found
 
 
 def _resolved(cfg, key):
@@ -358,20 +378,28 @@ def _resolving(job, hydra_values):
     return hydra_resolver_set(job) if hydra_values else contextlib.nullcontext()
 
 
-def check_jobs(stage, args, jobs, files, hydra_values=False):
+def check_jobs(stage, args, jobs, files, hydra_values=False, typed=None):
     """For each job's config: the checks that join two keys, and where `files`, what it reads
-    (check_inputs, once for each distinct set of files, each checkpoint loaded once)."""
-    seen, loaded, typed = set(), {}, _typed(args)
+    (check_inputs, once for each distinct set of files, each checkpoint loaded once). typed: the
+    keys the command sets (a search's searched keys among them) whose use is checked, a key inert
+    in every job refused; None for a run or sweep that continues as it began."""
+    seen, loaded, inert = set(), {}, None
     for job in jobs:
         with _resolving(job, hydra_values):
             config.check(stage, job)
-            check_typed_pairs(stage, typed, job)
+            if typed is not None:
+                check_recipe(stage, typed, job)
+                here = inert_keys(stage, typed, job)
+                inert = here if inert is None else {k: why for k, why in inert.items() if k in here}
             if stage == "evaluate":
                 _check_read_by_evaluate(args, job)
             reads = _reads(stage, job)
             if files and reads not in seen:
                 seen.add(reads)
                 check_inputs(stage, job, loaded)
+    if inert:
+        key, why = next(iter(sorted(inert.items())))
+        raise KDError(f"{key} changes nothing here: {why}; drop it")
 
 
 SEARCH_NEEDS_VALIDATION = ("a search minimises validation errors: set data.val_size (e.g. 10000); the test set is "
@@ -435,10 +463,16 @@ def check_overrides(stage, config_name, overrides):
             if hydra_values:
                 stack.enter_context(hydra_resolver_set(cfg))
             config.check(stage, cfg)
-            check_read_by_stage(stage, args, cfg, lambda added: compose(
-                config_name, overrides=[o for o in single if not (o.startswith("+") and typed_key(o) in added)],
-                return_hydra_config=True))
             search = run.is_search(cfg.hydra)
+            # a run resumed, or a sweep continued, goes on as it began (begun, maybe, before a check
+            # below existed): what it would ignore was settled when it started
+            continuing = bool(cfg.get("resume")) or (multirun and (Path(cfg.hydra.sweep.dir) / "multirun.yaml").is_file())
+            typed = None if continuing else \
+                _typed(args) | (set(cfg.hydra.sweeper.get("params") or {}) if search else set())
+            if not continuing:
+                check_read_by_stage(stage, args, cfg, lambda added: compose(
+                    config_name, overrides=[o for o in single if not (o.startswith("+") and typed_key(o) in added)],
+                    return_hydra_config=True))
             if not multirun and sweeps and not search:  # Hydra's own message is a page long
                 raise KDError(_needs_multirun(stage, args))
 
@@ -524,7 +558,8 @@ def check_overrides(stage, config_name, overrides):
             joined = [sweeps[k] for k in joined_keys(cfg, sweeps)]
             at_launch = any(AT_LAUNCH.search(o) for o in args)
             check_jobs(stage, args, (job_with(lines) for lines in itertools.product(*joined)),
-                       files=jobs_left and here and not cfg.get("resume") and not at_launch, hydra_values=hydra_values)
+                       files=jobs_left and here and not cfg.get("resume") and not at_launch, hydra_values=hydra_values,
+                       typed=typed)
     except KDError:
         raise
     except Exception as e:  # Hydra's composition and parse errors have no common base

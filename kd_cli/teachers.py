@@ -34,6 +34,9 @@ def resolve_teacher(teacher, outputs="outputs", key="teacher"):
         path = Path(resolve_pretrained(item)).expanduser()
         if path.is_dir():
             _check_whole_sweep(path)
+            if (path / ".hydra").is_dir() and not (path / "checkpoint.pt").is_file():  # a run, not a sweep
+                raise KDError(f"the {key} folder {path} is a run that has not finished (no checkpoint.pt); "
+                              f"finish it (kd <stage> resume={path}) or pass another {key}")
             found = [path / "checkpoint.pt"] if (path / "checkpoint.pt").is_file() else \
                 sorted(path.glob("*/checkpoint.pt"))
             if not found:

@@ -265,9 +265,10 @@ def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_
     trained, held_out = trained_and_held_out(forwards, train_x)
     ckpt = kd.cwd / "s" / "checkpoint.pt"
     forwards.clear()
-    kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", f"hydra.run.dir={kd.cwd / 'e'}")
+    proc = kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", f"hydra.run.dir={kd.cwd / 'e'}")
     fitted_on = set().union(*(rows(x) for _, _, _, x in forwards)) & set(rows(train_x))
     assert fitted_on == held_out and not fitted_on & trained
+    assert "(fitted on the validation split)" in proc.stdout, proc.stdout
     assert json.loads((kd.cwd / "e" / "metrics.json").read_text())["bias"]["val_held_out_from_training"] is True
     # another train_limit or val_size would cut the split elsewhere, among images the run trained on
     for other in ("data.train_limit=500", "data.val_size=200"):

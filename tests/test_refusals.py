@@ -591,8 +591,11 @@ def test_a_key_the_run_would_ignore_is_refused_before_any_folder_and_its_use_is_
         (["train-student", "+alpha=0.5", *student], "alpha is read by kd distill only"),
         (["distill", f"teacher={t}", "+fit_bias=[3]", *student], "fit_bias is read by kd evaluate only"),
         (["evaluate", f"checkpoint={t}", "+epochs=5"], "kd evaluate does not read epochs"),
-        (["distill", "-m", f"teacher={t}", "loss=kd,logit_mse", "T=2,5", *student], "loss=logit_mse matches logits"),
-        (["distill", "-m", f"teacher={t}", "alpha=0.5,1", "T=2,5", *student], "alpha=1 gives the soft targets weight 0"),
+        (["distill", "-m", f"teacher={t}", "loss=logit_mse", "T=2,5", *student], "loss=logit_mse matches logits"),
+        (["distill", "-m", f"teacher={t}", "alpha=1", "T=2,5", *student], "alpha=1 gives the soft targets weight 0"),
+        (["distill", f"teacher=[{t},{t}]", "loss=logit_mse", "teacher_combine=geometric", *student],
+         "loss=logit_mse matches the teachers' mean logit"),
+        (["train-student", "-m", "recipe=student,paper", *student], "recipe=paper is a distillation recipe"),
         (["distill", f"teacher={t}", "teacher_combine=geometric", *student], "an ensemble's teachers, and there is one"),
         (["evaluate", f"checkpoint={t}", "combine=geometric"], "an ensemble's checkpoints, and there is one"),
         (["train-student", "optim.lr_decay=0.5", *student], "only optim.schedule=exponential reads it"),
@@ -606,8 +609,28 @@ def test_a_key_the_run_would_ignore_is_refused_before_any_folder_and_its_use_is_
                               ["evaluate", f"checkpoint=[{t},{t}]", "combine=geometric"],
                               ["train-student", "optim.schedule=exponential", "optim.lr_decay=0.5", *student],
                               ["train-student", "optim.momentum_ramp_epochs=1", "optim.momentum_start=0.5", *student],
-                              ["train-student", "data.elastic.scale=2", "data.elastic.sigma=3", *student]]):
-        kd(*args, f"hydra.run.dir={kd.cwd / 'ok' / str(n)}")
+                              ["train-student", "data.elastic.scale=2", "data.elastic.sigma=3", *student],
+                              # a key some jobs read and others ignore: the others' settings, not the key, vary
+                              ["distill", "-m", f"teacher={t}", "alpha=0.5,1", "T=2", *student],
+                              ["distill", "-m", f"teacher={t}", "loss=kd,logit_mse", "T=2", *student]]):
+        kd(*args, f"hydra.run.dir={kd.cwd / 'ok' / str(n)}", f"hydra.sweep.dir={kd.cwd / 'oks' / str(n)}")
+    # a run begun before a check refused its command (played by its record) still resumes: it goes on as it began
+    stopped = kd.cwd / "stopped"
+    kd("distill", f"teacher={t}", "alpha=1", *SMALL, "epochs=2", f"hydra.run.dir={stopped}",
+       extra_env=stop_at(2, 1), check=False)
+    record = stopped / ".hydra" / "overrides.yaml"
+    record.write_text(record.read_text() + "- T=5.0\n")
+    kd("distill", f"resume={stopped}")
+    assert (stopped / "metrics.json").is_file()
+    # a run's folder that has not finished is no teacher (not its job folders either)
+    refused(_unfinished_teacher(kd, t, student), "is a run that has not finished")
+
+
+def _unfinished_teacher(kd, t, student):
+    folder = kd.cwd / "unfinished"
+    kd("train-teacher", *SMALL, "epochs=2", f"hydra.run.dir={folder}", extra_env=stop_at(2, 1), check=False)
+    kd("distill", f"teacher={t}", *student, f"hydra.run.dir={folder / 'student'}")  # a student kept inside it
+    return kd("distill", f"teacher={folder}", *student, check=False)
 
 
 def test_a_preset_that_would_override_a_typed_recipe_or_a_stage_that_would_half_apply_one_is_refused(kd):

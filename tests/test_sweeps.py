@@ -403,6 +403,19 @@ def test_a_custom_subdir_never_lets_two_jobs_share_a_folder_and_continues_only_a
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
     again = kd(*base, "hydra.sweep.subdir=s${seed}")  # the same command: both kept
     assert again.stdout.count("finished before; kept as it is") == 2, again.stdout
+    # a subdir Hydra's resolver names per job (as Hydra's launcher sets it) is two folders, and a
+    # sweep stopped in its first job continues in them: the stopped job resumed, the other started
+    other = tmp_path / "r"
+    per_job = ["train-student", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={other}", "hydra.sweep.subdir=r${hydra:job.num}"]
+    stopped = kd(*per_job, extra_env={"KD_TEST_SIGNAL_AT": "SIGINT@2:0"}, check=False)
+    assert stopped.returncode == 130 and (other / "r0" / "state.pt").is_file() and not (other / "r1").exists()
+    kd(*per_job)
+    assert all((other / f"r{n}" / "metrics.json").is_file() for n in (0, 1))
+    changed = kd(*per_job, "lr=0.05", check=False)  # and refuses a relaunch that would change them
+    assert changed.returncode == 2 and "sweep job r0 ran with" in changed.stderr, changed.stderr
+    search = kd("train-student", "-m", "hparams_search=train_student", "data.val_size=100", *SMALL,
+                f"hydra.sweep.dir={tmp_path / 'q'}", "hydra.sweep.subdir=t${hydra.job.num}", check=False)
+    assert search.returncode == 2 and "a search names its trials' folders" in search.stderr, search.stderr
 
 
 def test_seeds_are_never_pooled_across_teacher_files_checkpoints_or_code(tmp_path):
