@@ -6,6 +6,7 @@ from omegaconf import OmegaConf
 
 from .errors import KDError
 
+CONFIG_MODULE = "kd_cli.conf"  # conf/, installed as a package: Hydra's config_path="pkg://kd_cli.conf"
 COMBINE = ("arithmetic", "geometric")  # how an ensemble's distributions are combined
 LOSSES = ("kd", "logit_mse")  # the paper's soft-target loss at T; Caruana et al.'s logit matching
 # a new loss: losses.py, stages.distill (loss_fn, the T it records, the Diverged hint),
