@@ -134,21 +134,22 @@ def _pin_newest_teacher(stage, overrides):
     """`teacher` (distill) and `generalist` (train-specialists) left unset mean the newest teacher
     under outputs/: find it once, now, and pass it as teacher=<path>. Left to each job, a sweep's
     jobs could each take another teacher (one trained while the sweep ran, or before it was
-    continued), and its recorded overrides, its report and the continuation check would not show it."""
+    continued), and its recorded overrides, its report and the continuation check would not show it.
+    Returns the overrides and the line that says which checkpoint it took (None if it took none),
+    printed once the command passed its checks (above a refusal it would read as the cause)."""
     key = {"distill": "teacher", "train-specialists": "generalist"}.get(stage)
     typed = {typed_key(o): o.split("=", 1)[1] for o in overrides if "=" in o}
     if key is None or typed.get(key, "null") not in ("null", ""):
-        return overrides
+        return overrides, None
     from .checkpoint import newest_checkpoint
     from .teachers import TEACHER_STAGE
 
     newest = newest_checkpoint("outputs", TEACHER_STAGE)
     if newest is None:  # left unset: preflight says there is none, after the values are checked
-        return overrides
+        return overrides, None
     # said, since the newest by file time may be a smoke run trained after the one meant
-    print(f"kd: {key}={newest.resolve()} (the newest kd train-teacher checkpoint under outputs/)", file=sys.stderr,
-          flush=True)
-    return [*(o for o in overrides if typed_key(o) != key), f"{key}={newest.resolve()}"]
+    said = f"kd: {key}={newest.resolve()} (the newest kd train-teacher checkpoint under outputs/)"
+    return [*(o for o in overrides if typed_key(o) != key), f"{key}={newest.resolve()}"], said
 
 
 def main(argv=None):
@@ -182,12 +183,13 @@ def main(argv=None):
     if swept:  # Hydra would end in a three-line error
         _fail(f"{shows_one_job[0]} shows one job: {swept} sweeps; give one value per key")
         return 2
+    pinned = None
     try:
         if not inspect_only:
             resuming = any(o.startswith("resume=") for o in overrides)
             overrides = run.resume_overrides(stage, overrides)  # reads resume=<dir> as typed
             if not resuming:
-                overrides = _pin_newest_teacher(stage, overrides)
+                overrides, pinned = _pin_newest_teacher(stage, overrides)
         # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)
         flags = [o for o in overrides if o in ("-m", "--multirun")]
         overrides = [*flags, *quote_paths(o for o in overrides if o not in flags)]
@@ -196,6 +198,8 @@ def main(argv=None):
     except KDError as e:
         _fail(str(e))
         return 2
+    if pinned:
+        print(pinned, file=sys.stderr, flush=True)
 
     import hydra
 

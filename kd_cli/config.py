@@ -156,7 +156,7 @@ SCHEMA = {
 }
 
 EXAMPLES = {"T": "the temperature, e.g. T=20", "alpha": "the weight of the hard-label term, e.g. alpha=0.1"}
-_ABSENT = object()
+ABSENT = object()  # OmegaConf.select's default: tells a key that is missing from one set to None
 
 
 def typed_key(override):
@@ -196,8 +196,8 @@ def check(stage, cfg):
         raise KDError(f"T has no value: recipe={cfg.hydra.runtime.choices.recipe if 'hydra' in cfg else '?'} sets none; "
                       "use recipe=distill (T=5), recipe=paper (the paper's T=20), or give T=...")
     for key, (need, ok) in SCHEMA.items():
-        node = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
-        if node is _ABSENT:
+        node = OmegaConf.select(cfg, key, default=ABSENT, throw_on_missing=False)
+        if node is ABSENT:
             continue
         value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         if not ok(value):

@@ -178,7 +178,7 @@ def _reads(stage, job):
 def check_inputs(stage, cfg, loaded=None):
     """Before a job runs, the files it will read: the data set's (unless it may download them), and
     each checkpoint its stage reads (teachers.READS), loaded as the stage loads it: a finished kd
-    model, trained on this data set, whose weights fit its architecture (and, for a bias fitted by
+    model, trained on these data files, whose weights fit its architecture (and, for a bias fitted by
     kd evaluate, with a validation split to fit on). The stage checks again as it loads them;
     found here, the refusal leaves no failed run folder behind. loaded: {path: checkpoint record}
     of files already loaded, shared by a sweep's jobs."""
@@ -191,7 +191,9 @@ def check_inputs(stage, cfg, loaded=None):
             if path not in loaded:
                 ckpt, _ = load_model(path, "cpu", cfg.data.name, key)
                 loaded[path] = {k: v for k, v in ckpt.items() if k != "state_dict"}
-            check_same_data(loaded[path], path, cfg.data.name, key)
+            # a model that trains from this one must have learned from these files; one evaluated may
+            # be counted on another test set (its training files are not told apart in the record)
+            check_same_data(loaded[path], path, cfg.data.name, key, cfg.data.root if key != "checkpoint" else None)
             if stage == "evaluate" and cfg.fit_bias:
                 fit_bias_split(cfg, loaded[path])
 

@@ -33,7 +33,7 @@ def _stat_key(paths):
         return None
 
 
-def _data_sha256(root, name):
+def cached_data_sha256(root, name):
     """data_sha256, once per unchanged set of files (a sweep's preflight asks for each job)."""
     key = _stat_key(raw_files(root, name))
     if key is None:
@@ -115,7 +115,7 @@ def differences(then, cfg, files=False, precision_now=None):
             found.append(f"kd's code ({', '.join(changed)} changed since)")
     data = then.get("data_sha256")
     if data is not None:
-        now = _data_sha256(cfg.data.root, cfg.data.name)
+        now = cached_data_sha256(cfg.data.root, cfg.data.name)
         if now is None:
             found.append(f"the data files (no {cfg.data.name} files under data.root={cfg.data.root}: set "
                          "KD_DATA_ROOT to the folder it trained from)")

@@ -94,7 +94,8 @@ def distill(cfg, out_dir):
     paths = resolve_teacher(cfg.teacher) if state_path is None else _recorded_teachers(state_path)
     data, transfer = data_of(cfg, device_of(cfg, state_path))
     train_x, train_y = data[0], data[1]
-    teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name) for p in paths))
+    teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name, cfg.data.root)
+                                 for p in paths))
     T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss
     # the teachers run once, before training (over the transfer set, or each of its shifted
     # copies), or on every batch: a jittered one in a run too short for the copies to pay, and
@@ -235,7 +236,8 @@ def train_specialists(cfg, out_dir):
     run.start(out_dir)
     path = resolve_generalist(cfg.generalist)
     (train_x, train_y, test_x, test_y, _), transfer = data_of(cfg, device_of(cfg))
-    generalist, info = load_teacher(path, train_x.device, train_x[0].numel(), 10, cfg.data.name)
+    generalist, info = load_teacher(path, train_x.device, train_x[0].numel(), 10, cfg.data.name, cfg.data.root,
+                                    role="generalist")
     batch = int(cfg.eval_batch_size)
     train_log_p = torch.log_softmax(predict_logits(generalist, train_x, batch), 1)
     subsets = [c for c in covariance_clusters(train_log_p.cpu(), int(cfg.clusters), int(cfg.seed)) if len(c) > 1]

@@ -11,6 +11,7 @@ from .data import every_shift, shift_codes
 from .errors import KDError
 from .losses import soft_targets
 from .models import build_mlp
+from .provenance import cached_data_sha256
 
 TEACHER_STAGE = "train-teacher"
 
@@ -121,21 +122,33 @@ def trained_on(ckpt):
     return ((ckpt.get("config") or {}).get("data") or {}).get("name", "mnist")
 
 
-def check_same_data(ckpt, path, name, role):
+def check_same_data(ckpt, path, name, role, root=None):
+    """Refuse a checkpoint trained on another data set, or (given the data root) on other files of
+    this one than those under root: a teacher trained on files whose training images include these
+    test images, or whose labels differ, would make every number downstream mean something else.
+    The record is one sha256 of all four files, so another test set alone counts as other files.
+    Checkpoints from before kd recorded data_sha256 (the shipped teacher too) pass on the name."""
     if trained_on(ckpt) != name:
         raise KDError(f"{role} {path} was trained on {trained_on(ckpt)}, this run uses {name}; "
                       f"pass data={trained_on(ckpt)} or another {role}")
+    then = (ckpt.get("metrics") or {}).get("data_sha256")
+    now = None if root is None or then is None else cached_data_sha256(root, name)  # None: no files there
+    if now is not None and now != then:
+        raise KDError(f"{role} {path} was trained on other {name} files than those under data.root={root} (its "
+                      f"run recorded data_sha256 {then[:12]}...): set KD_DATA_ROOT to the folder it trained from, "
+                      f"or train a {role} on these files")
 
 
-def load_model(path, device, data_name, role="checkpoint"):
+def load_model(path, device, data_name, role="checkpoint", data_root=None):
     """(checkpoint dict, its model on `device`) for any kd checkpoint, refusing one trained on
-    another data set or whose weights do not fit its architecture."""
+    another data set (or on other files of it than those under data_root, where given) or whose
+    weights do not fit its architecture."""
     ckpt = check_model(load_checkpoint(path), path)
     if ckpt.get("stage") == "train-specialists":  # its state_dict is the generalist alone
         generalist = (ckpt.get("teacher") or {}).get("path", "the generalist it names")
         raise KDError(f"{role} {path} is a generalist with specialists, which count only together (its "
                       f"metrics.json has their test errors); as a single model pass the generalist: {generalist}")
-    check_same_data(ckpt, path, data_name, role)
+    check_same_data(ckpt, path, data_name, role, data_root)
     model = build_mlp(ckpt["arch"])
     try:
         model.load_state_dict(ckpt["state_dict"])
@@ -144,12 +157,14 @@ def load_model(path, device, data_name, role="checkpoint"):
     return ckpt, model.to(device)
 
 
-def load_teacher(path, device, in_features, out_features, data_name="mnist"):
-    """The teacher model in eval mode, and what a distilled student records about it."""
-    ckpt, model = load_model(path, device, data_name, "teacher")
+def load_teacher(path, device, in_features, out_features, data_name="mnist", data_root=None, role="teacher"):
+    """The teacher model in eval mode, and what a distilled student records about it. data_root:
+    where the run's data files are, to refuse a teacher trained on other ones (None: unchecked, for
+    scripts that hold the teacher to nothing)."""
+    ckpt, model = load_model(path, device, data_name, role, data_root)
     arch = ckpt["arch"]
     if (arch.get("in_features"), arch.get("out_features")) != (in_features, out_features):
-        raise KDError(f"teacher {path} maps {arch.get('in_features')} inputs to {arch.get('out_features')} "
+        raise KDError(f"{role} {path} maps {arch.get('in_features')} inputs to {arch.get('out_features')} "
                       f"classes; this data set needs {in_features} -> {out_features}")
     model.eval()
     info = {"path": str(Path(path).resolve()), "sha256": sha256_of(path),

@@ -17,6 +17,16 @@ from .teachers import READS
 def is_hydra_key(override):
     return typed_key(override).startswith("hydra")
 
+
+def typed_in_order(args):
+    """The keys a command sets, in the order typed, without Hydra's own."""
+    return [typed_key(o) for o in args if "=" in o and not is_hydra_key(o)]
+
+
+def typed_keys(args):
+    return set(typed_in_order(args))
+
+
 # data and training keys the evaluate config composes (it shares conf/data) but does not read
 NOT_READ_BY_EVALUATE = ("precision", "sgd_update", "eval_every", "data.jitter", "data.elastic", "data.transfer")
 
@@ -25,7 +35,7 @@ def check_read_by_evaluate(args, cfg):
     """kd evaluate counts a checkpoint's test errors: a training knob typed for it (data.jitter,
     precision) changes nothing, and data.val_size counts only with fit_bias (the split the shift is
     fitted on); typed anyway, the user would take the numbers for what they asked."""
-    for key in (typed_key(o) for o in args if "=" in o and not is_hydra_key(o)):
+    for key in typed_in_order(args):  # the first typed is the one a refusal names
         if key.startswith(NOT_READ_BY_EVALUATE):
             raise KDError(f"kd evaluate does not read {key}: it counts the checkpoint's test errors as it was "
                           "trained; drop it")
@@ -41,10 +51,6 @@ ONLY_READ_BY = {"distill": ("T", "alpha", "loss", "teacher", "teacher_combine", 
                 "train-specialists": ("generalist", "clusters", "top_n")}
 # the recipes written for training stages other than kd distill (the rest set T: they distill)
 NOT_DISTILLING = ("student", "teacher", "hinton2012")
-
-
-def typed_keys(args):
-    return {typed_key(o) for o in args if "=" in o and not is_hydra_key(o)}
 
 
 def check_read_by_stage(stage, args, cfg, compose_without):
@@ -66,7 +72,7 @@ def check_read_by_stage(stage, args, cfg, compose_without):
     if added:
         base = compose_without({typed_key(o) for o in added})
         for key in (typed_key(o) for o in added):
-            if OmegaConf.select(base, key, default=_ABSENT) is _ABSENT:
+            if OmegaConf.select(base, key, default=config.ABSENT) is config.ABSENT:
                 raise KDError(f"kd {stage} does not read {key} (added with +, its config has no such key); drop it")
 
 
@@ -90,7 +96,6 @@ def check_recipe(stage, typed, job):
                           f"{overridden[0]}= too (the value you mean), or drop recipe=")
 
 
-_ABSENT = object()
 # what a recipe (conf/recipe/) sets: an experiment preset that sets one too overrides a typed recipe
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "T", "data.jitter", *(k for k in config.SCHEMA if k.startswith("optim.")))
 

@@ -49,6 +49,9 @@ def test_four_stages_end_to_end(kd):
     assert d["T"] == 5 and d["alpha"] == 0.3
     assert d["teacher"]["path"] == str((t_dir / "checkpoint.pt").resolve())
     assert f"teacher={(t_dir / 'checkpoint.pt').resolve()} (the newest" in distilled.stderr  # said, not only recorded
+    refused = kd("distill", "T=0", *FAST, check=False)  # ...but only by a command that runs: a refusal is one line
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [refused.stderr.strip()], refused.stderr
+    assert refused.stderr.startswith("kd: error:") and "T" in refused.stderr
     assert d["teacher"]["sha256"] == sha256_of(t_dir / "checkpoint.pt")
     assert torch.load(d_dir / "checkpoint.pt", weights_only=True)["teacher"]["sha256"] == d["teacher"]["sha256"]
     assert last_line(distilled) == f"test errors: {d['test_errors']} / 200"
@@ -253,6 +256,43 @@ def test_every_value_of_a_swept_data_key_is_checked_before_any_folder_is_made(kd
                   "epochs=1", check=False)
         assert proc.returncode == 2 and "was trained on mnist" in proc.stderr, proc.stderr
     assert outputs_made(tmp_path) == []
+
+
+
+def test_a_model_trained_on_other_files_of_the_data_set_is_refused_before_any_folder_is_made(kd, tmp_path):
+    """A teacher (or a generalist) trained on other files under the same data.name, here one
+    training label changed, is refused: what the student learns from it would come from other
+    images or labels than the run's. The same bytes at another path pass; kd evaluate may count a
+    checkpoint on other files (another test set: tests/test_transfer.py)."""
+    from kd_cli.teachers import load_model, load_teacher
+
+    kd("train-teacher", "model.hidden=[16]", "epochs=1", f"hydra.run.dir={tmp_path / 't'}")
+    teacher = tmp_path / "t" / "checkpoint.pt"
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(kd.root, same)
+    shutil.copytree(kd.root, other)
+    labels = other / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[8] = (raw[8] + 1) % 10  # the first image's label (after the 8-byte idx header)
+    labels.write_bytes(bytes(raw))
+    for args in (("distill", f"teacher={teacher}"), ("train-specialists", f"generalist={teacher}", "clusters=2")):
+        proc = kd(*args, "epochs=1", f"data.root={other}", check=False)
+        assert proc.returncode == 2 and "was trained on other mnist files than those under" in proc.stderr, proc.stderr
+        assert proc.stderr.count("kd: error:") == 1
+    for roots in (f"{same},{other}", f"{other},{same}"):  # each job of a sweep, whatever the order
+        proc = kd("distill", "-m", f"teacher={teacher}", "epochs=1", f"data.root={roots}", check=False)
+        assert proc.returncode == 2 and "other mnist files" in proc.stderr, proc.stderr
+    assert outputs_made(tmp_path) == []
+    kd("distill", f"teacher={teacher}", "epochs=1", f"data.root={same}", f"hydra.run.dir={tmp_path / 'd'}")
+    kd("evaluate", f"checkpoint={teacher}", f"data.root={other}", f"hydra.run.dir={tmp_path / 'e'}")
+    # the stages check as they load, too (a path preflight did not see, such as a script's)
+    with pytest.raises(KDError, match="other mnist files"):
+        load_teacher(teacher, "cpu", 784, 10, "mnist", other)
+    with pytest.raises(KDError, match="generalist .* other mnist files"):
+        load_teacher(teacher, "cpu", 784, 10, "mnist", other, role="generalist")
+    with pytest.raises(KDError, match="other mnist files"):
+        load_model(teacher, "cpu", "mnist", data_root=other)
+    load_model(teacher, "cpu", "mnist", data_root=same)
 
 
 def test_config_group_and_quoted_values_sweep_as_hydra_composes_them(kd, tmp_path):
