@@ -19,8 +19,9 @@ from .checkpoint import sha256_of
 from .config import DATASETS
 from .errors import KDError
 
-MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+# the four files of every data set kd reads (MNIST and its drop-in replacements), in this order
+IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 
@@ -39,10 +40,10 @@ def read_idx(path):
 
 
 def raw_files(root, name="mnist"):
-    """The data set's four files, in MNIST_FILES order, where torchvision keeps them:
+    """The data set's four files, in IDX_FILES order, where torchvision keeps them:
     <root>/<MNIST or FashionMNIST>/raw."""
     raw = Path(os.path.expanduser(str(root))) / DATASETS.get(name, name) / "raw"
-    return [raw / f for f in MNIST_FILES]
+    return [raw / f for f in IDX_FILES]
 
 
 def check_present(root, name="mnist"):
@@ -83,9 +84,9 @@ def data_sha256(root, name="mnist"):
     return hashlib.sha256("".join(sha256_of(f) for f in files).encode()).hexdigest()
 
 
-def load_mnist(root, download=False, device="cpu", train_limit=None, name="mnist"):
+def load_data(root, download=False, device="cpu", train_limit=None, name="mnist"):
     """Return (train_x, train_y, test_x, test_y): images as float32 [N, 28, 28] in [0, 1], of
-    MNIST or of Fashion-MNIST (the same file format, in root/FashionMNIST/raw)."""
+    any data set of config.DATASETS (MNIST, Fashion-MNIST: one file format, each in its own folder)."""
     if name not in DATASETS:
         raise KDError(f"data.name must be one of {', '.join(DATASETS)}, got {name!r}")
     root = Path(os.path.expanduser(str(root)))

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from .checkpoint import load_checkpoint
-from .data import load_mnist, split_validation, transfer_set
+from .data import load_data, split_validation, transfer_set
 from .errors import KDError
 from .evaluate import count_errors, predict_logits
 from .models import MLP
@@ -86,7 +86,7 @@ def data_of(cfg, device):
     cut to the transfer set, and what that transfer set is."""
     torch.manual_seed(int(cfg.seed))
     limit = cfg.data.train_limit
-    train_x, train_y, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device,
+    train_x, train_y, test_x, test_y = load_data(cfg.data.root, cfg.data.download, device,
                                                   None if limit is None else int(limit), cfg.data.name)
     val = None
     if cfg.data.val_size:

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from . import provenance, run
 from .checkpoint import cpu_weights, load_checkpoint, save_json, sha256_of
 from .config import COMBINE
-from .data import load_mnist, split_validation
+from .data import load_data, split_validation
 from .errors import KDError
 from .evaluate import bias_correction, count_errors, predict_logits
 from .losses import distillation_loss, hard_label_loss, logit_matching_loss
@@ -96,7 +96,7 @@ def distill(cfg, out_dir):
     train_x, train_y = data[0], data[1]
     teachers, infos = zip(*(load_teacher(p, train_x.device, train_x[0].numel(), 10, cfg.data.name, cfg.data.root)
                                  for p in paths))
-    T, alpha, kind = float(cfg.T), float(cfg.alpha), cfg.loss
+    T, alpha, loss = float(cfg.T), float(cfg.alpha), cfg.loss
     # the teachers run once, before training (over the transfer set, or each of its shifted
     # copies), or on every batch: a jittered one in a run too short for the copies to pay, and
     # every elastically distorted one (each is new)
@@ -104,18 +104,18 @@ def distill(cfg, out_dir):
     per_batch = elastic_of(cfg) is not None or (shift > 0 and not caches_shifts(int(cfg.epochs), shift))
     logits_of, kept = logits_source(cfg.teacher_cache, [i["sha256"] for i in infos], train_x, shift,
                                     int(cfg.eval_batch_size))
-    targets = SoftTargets(teachers, T, train_x, kind, cfg.teacher_combine, max_shift=shift,
+    targets = SoftTargets(teachers, T, train_x, loss, cfg.teacher_combine, max_shift=shift,
                           per_batch=per_batch, batch_size=int(cfg.eval_batch_size), logits_of=logits_of)
     del teachers  # SoftTargets holds them as long as it needs them
-    if kind == "logit_mse":
+    if loss == "logit_mse":
         loss_fn = lambda z, y, v: logit_matching_loss(z, y, v, alpha)  # noqa: E731
-    elif kind == "kd":
+    elif loss == "kd":
         loss_fn = lambda z, y, log_p: distillation_loss(z, y, log_p, T, alpha)  # noqa: E731
     else:  # config.LOSSES lists where a new loss goes
-        raise ValueError(f"unknown loss {kind!r}")
+        raise ValueError(f"unknown loss {loss!r}")
     record = [{"path": i["path"], "sha256": i["sha256"]} for i in infos]
-    ensemble = {"teacher_combine": cfg.teacher_combine} if len(infos) > 1 and kind != "logit_mse" else {}
-    extra = {"T": T if kind == "kd" else None, "alpha": alpha, "loss": kind, **ensemble,
+    ensemble = {"teacher_combine": cfg.teacher_combine} if len(infos) > 1 and loss != "logit_mse" else {}
+    extra = {"T": T if loss == "kd" else None, "alpha": alpha, "loss": loss, **ensemble,
              "teacher": infos[0] if len(infos) == 1 else list(infos), "transfer": transfer,
              "teacher_logits": kept or None}  # the cache files read (reused) or written, if any
     model = model_of(cfg, train_x.device, train_x[0].numel())
@@ -126,7 +126,7 @@ def distill(cfg, out_dir):
     except Diverged as e:
         teacher_ok = targets.finite(train_x)
         raise Diverged(f"{e}" + ("" if teacher_ok else "; the teacher's outputs are not finite: check the teacher")
-                       + (f" (the soft term at T={T:g} has weight {1 - alpha:g} x T^2)" if kind == "kd" else "")) from None
+                       + (f" (the soft term at T={T:g} has weight {1 - alpha:g} x T^2)" if loss == "kd" else "")) from None
 
 
 def fit_bias_split(cfg, ckpt):
@@ -155,11 +155,11 @@ def _validation_for(cfg, ckpt, device):
     val_size, trained = fit_bias_split(cfg, ckpt)
     trained_val = int(trained.get("val_size") or 0)
     limit = cfg.data.train_limit if cfg.data.train_limit is not None else trained.get("train_limit")
-    train_x, train_y, _, _ = load_mnist(cfg.data.root, cfg.data.download, device,
+    train_x, train_y, _, _ = load_data(cfg.data.root, cfg.data.download, device,
                                         None if limit is None else int(limit), cfg.data.name)
     if val_size >= train_x.shape[0]:
         raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
-    # the same cut as prepare.data_of's for training (load_mnist, then split_validation's fixed seed)
+    # the same cut as prepare.data_of's for training (load_data, then split_validation's fixed seed)
     _, _, val_x, val_y = split_validation(train_x, train_y, val_size)
     # the same split only if it is cut from the same images: another train_limit moves its border
     same_images = limit == trained.get("train_limit") and cfg.data.name == trained.get("name", cfg.data.name)
@@ -171,7 +171,7 @@ def evaluate(cfg, out_dir):
     started = time.perf_counter()
     paths = resolve_checkpoints(cfg.checkpoint)
     device = device_of(cfg)
-    _, _, test_x, test_y = load_mnist(cfg.data.root, cfg.data.download, device, train_limit=1, name=cfg.data.name)
+    _, _, test_x, test_y = load_data(cfg.data.root, cfg.data.download, device, train_limit=1, name=cfg.data.name)
     batch = int(cfg.eval_batch_size)
     loaded = [load_model(p, device, cfg.data.name) for p in paths]
     logits = [predict_logits(model, test_x, batch) for _, model in loaded]

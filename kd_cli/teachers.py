@@ -245,9 +245,9 @@ class SoftTargets:
     Called as targets(idx, xb, shifts): the batch's indices into the transfer set, its images as
     the student sees them, and their jitter codes (data.draw_shifts; None without jitter)."""
 
-    def __init__(self, teachers, T, x, kind="kd", combine="arithmetic", max_shift=0, per_batch=False,
+    def __init__(self, teachers, T, x, loss="kd", combine="arithmetic", max_shift=0, per_batch=False,
                  batch_size=10000, logits_of=None):
-        self.teachers, self.T, self.kind, self.combine = list(teachers), float(T), kind, combine
+        self.teachers, self.T, self.loss, self.combine = list(teachers), float(T), loss, combine
         self.batch_size, self.max_shift = batch_size, int(max_shift)
         self.per_batch, self.cached = per_batch, None
         if self.per_batch:
@@ -261,11 +261,11 @@ class SoftTargets:
     def combined(self, logits):
         """The teachers' logits [..., C], one teacher's at a time, as what the student matches:
         their mean for logit_mse, else one teacher's log p or the ensemble's (combine_log_probs)."""
-        if self.kind == "logit_mse":
+        if self.loss == "logit_mse":
             return mean_logits(logits)
-        if self.kind == "kd":
+        if self.loss == "kd":
             return combine_log_probs((soft_targets(v, self.T) for v in logits), self.combine)
-        raise ValueError(f"unknown loss {self.kind!r}")
+        raise ValueError(f"unknown loss {self.loss!r}")
 
     def of(self, x):
         return self.combined([teacher_logits(t, x, self.batch_size) for t in self.teachers])

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_cli.data import load_mnist
+from kd_cli.data import load_data
 from kd_cli.losses import distillation_loss, hard_label_loss, soft_targets
 from kd_cli.models import MLP
 from kd_cli.teachers import SoftTargets, teacher_logits
@@ -178,7 +178,7 @@ def main():
     # loops, not float modes (with denormals a distill epoch can take 2x as long, floor or kd alike)
     torch.set_flush_denormal(True)
     root = os.environ.get("KD_DATA_ROOT", "data")
-    x, y, _, _ = load_mnist(root, download=False, device=device, train_limit=args.limit)
+    x, y, _, _ = load_data(root, download=False, device=device, train_limit=args.limit)
     n = x.shape[0]
     tb, sb, r, p = args.teacher_batch, args.student_batch, args.repeats, args.precision
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_cli.checkpoint import resolve_pretrained
-from kd_cli.data import draw_shifts, load_mnist, shift_images, split_validation
+from kd_cli.data import draw_shifts, load_data, shift_images, split_validation
 from kd_cli.evaluate import count_errors, predict_logits
 from kd_cli.losses import distillation_loss, soft_targets
 from kd_cli.models import MLP
@@ -68,7 +68,7 @@ def main():
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
-    train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "data"))
+    train_x, train_y, test_x, test_y = load_data(os.environ.get("KD_DATA_ROOT", "data"))
     train_x, train_y, val_x, val_y = split_validation(train_x, train_y, args.val_size)
     teacher, _ = load_teacher(resolve_pretrained(args.teacher), "cpu", 784, 10)  # in eval mode
     student = MLP(args.hidden)

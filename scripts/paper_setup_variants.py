@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kd_cli.checkpoint import resolve_pretrained
-from kd_cli.data import load_mnist, split_validation
+from kd_cli.data import load_data, split_validation
 from kd_cli.evaluate import count_errors, predict_logits
 from kd_cli.losses import distillation_loss, soft_targets
 from kd_cli.models import MLP, apply_max_norm_
@@ -86,7 +86,7 @@ def main():
         ap.error("--teacher-mc sets the soft targets: it does not combine with --teacher-dropout or --teacher-shifts")
 
     torch.manual_seed(args.seed)
-    train_x, train_y, test_x, test_y = load_mnist(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))
+    train_x, train_y, test_x, test_y = load_data(os.environ.get("KD_DATA_ROOT", "~/.cache/kd/data"))
     train_x, train_y, val_x, val_y = split_validation(train_x, train_y, args.val_size)
     teacher, _ = load_teacher(resolve_pretrained(args.teacher), "cpu", 784, 10)  # in eval mode
     with torch.no_grad():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kd_cli.checkpoint import resolve_pretrained
 from kd_cli.config import MAX_JITTER
-from kd_cli.data import every_shift, load_mnist
+from kd_cli.data import every_shift, load_data
 from kd_cli.errors import KDError
 from kd_cli.evaluate import predict_logits
 from kd_cli.teachers import load_model
@@ -71,7 +71,7 @@ def main():
     if args.json and not Path(args.json).resolve().parent.is_dir():
         refuse(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
     try:  # every checkpoint loaded and measured before anything is printed or written
-        _, _, x, y = load_mnist(os.environ.get("KD_DATA_ROOT", "data"))
+        _, _, x, y = load_data(os.environ.get("KD_DATA_ROOT", "data"))
         loaded = [(path, *load_model(resolve_pretrained(path), "cpu", "mnist")) for path in args.checkpoints]
         measured = []
         for path, ckpt, model in loaded:

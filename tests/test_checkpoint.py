@@ -152,12 +152,12 @@ def test_the_shipped_teacher_is_what_its_record_says():
 def test_the_shipped_teacher_makes_the_errors_its_record_says():
     """Where the real MNIST is at hand ($KD_DATA_ROOT): exactly the test errors teacher.json claims,
     counted here by a plain forward of its weights."""
-    from kd_cli.data import load_mnist
+    from kd_cli.data import load_data
 
     shipped, record = shipped_teacher()
     root = os.environ.get("KD_DATA_ROOT")
     if not root or not os.path.isdir(os.path.join(root, "MNIST", "raw")):
         pytest.skip("the real MNIST is not at $KD_DATA_ROOT")
-    _, _, x, y = load_mnist(root, download=False, device=torch.device("cpu"))
+    _, _, x, y = load_data(root, download=False, device=torch.device("cpu"))
     logits = plain_logits(shipped / "teacher.pt", x)
     assert int((logits.argmax(1) != y).sum()) == record["test_errors"]

@@ -5,7 +5,7 @@ import torch
 
 from conftest import moved_by_hand, write_idx
 
-from kd_cli.data import draw_shifts, elastic_distort, every_shift, jitter, load_mnist, shift_images, split_validation
+from kd_cli.data import draw_shifts, elastic_distort, every_shift, jitter, load_data, shift_images, split_validation
 from kd_cli.errors import KDError
 
 
@@ -63,7 +63,7 @@ def test_each_jitter_code_moves_an_image_as_every_shift_says(max_shift):
                                     for im, k in zip(mixed, shifts)]))
 
 
-def test_load_mnist_reads_the_idx_files_exactly(tmp_path):
+def test_load_data_reads_the_idx_files_exactly(tmp_path):
     rng = np.random.default_rng(3)
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -73,7 +73,7 @@ def test_load_mnist_reads_the_idx_files_exactly(tmp_path):
               "t10k-labels-idx1-ubyte": rng.integers(0, 10, 7)}
     for name, a in arrays.items():
         write_idx(raw / name, a)
-    tx, ty, sx, sy = load_mnist(tmp_path, download=False, train_limit=20)
+    tx, ty, sx, sy = load_data(tmp_path, download=False, train_limit=20)
     assert tx.dtype == torch.float32 and ty.dtype == torch.long
     assert torch.equal(tx, torch.tensor(arrays["train-images-idx3-ubyte"][:20] / 255.0, dtype=torch.float32))
     assert ty.tolist() == arrays["train-labels-idx1-ubyte"][:20].tolist()
@@ -82,12 +82,12 @@ def test_load_mnist_reads_the_idx_files_exactly(tmp_path):
     whole = (raw / "t10k-labels-idx1-ubyte").read_bytes()
     (raw / "t10k-labels-idx1-ubyte").write_bytes(whole[:-1])
     with pytest.raises(KDError, match="not a whole IDX file"):
-        load_mnist(tmp_path, download=False)
+        load_data(tmp_path, download=False)
 
 
 def test_missing_data_names_kd_data_root(tmp_path):
     with pytest.raises(KDError, match="KD_DATA_ROOT"):
-        load_mnist(tmp_path, download=False)
+        load_data(tmp_path, download=False)
 
 
 def test_real_mnist_when_present():
@@ -95,7 +95,7 @@ def test_real_mnist_when_present():
     root = os.environ.get("KD_DATA_ROOT", "../shared/data")
     if not os.path.exists(os.path.join(root, "MNIST", "raw", "t10k-labels-idx1-ubyte")):
         pytest.skip("real MNIST not under KD_DATA_ROOT")
-    tx, ty, sx, sy = load_mnist(root, download=False)
+    tx, ty, sx, sy = load_data(root, download=False)
     assert tx.shape == (60000, 28, 28) and sx.shape == (10000, 28, 28)
     assert int((sy == 3).sum()) == 1010  # the count the paper's omitted-3 experiment uses
 

@@ -10,7 +10,7 @@ import torch
 
 from kd_cli import losses
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
-from kd_cli.data import load_mnist
+from kd_cli.data import load_data
 from kd_cli.models import MLP
 from kd_cli.prepare import native_bf16
 
@@ -172,7 +172,7 @@ def member(path, seed, scale):
 
 def test_evaluate_reports_the_combination_it_was_asked_for(kd):
     paths = [member(kd.cwd / f"m{i}.pt", i, scale) for i, scale in enumerate((1, 40, 3))]
-    _, _, test_x, test_y = load_mnist(kd.root)
+    _, _, test_x, test_y = load_data(kd.root)
     log_ps = [torch.log_softmax(plain_logits(p, test_x), 1) for p in paths]
     want = {how: int((combined(log_ps, how).argmax(1) != test_y).sum()) for how in ("arithmetic", "geometric")}
     assert want["arithmetic"] != want["geometric"]  # else the test could not tell them apart
@@ -196,7 +196,7 @@ def test_evaluation_is_the_eval_mode_model_and_deterministic(kd, two_teachers, f
     for name in ("e1", "e2"):
         kd("evaluate", f"checkpoint={path}", f"hydra.run.dir={kd.cwd / name}")
     assert forwards and all(not training for _, training, _, _ in forwards)
-    _, _, test_x, test_y = load_mnist(kd.root)
+    _, _, test_x, test_y = load_data(kd.root)
     logits = plain_logits(path, test_x)
     for name in ("e1", "e2"):
         m = json.loads((kd.cwd / name / "metrics.json").read_text())
@@ -219,7 +219,7 @@ def rows(x):
 
 
 def test_a_validation_split_never_overlaps_the_images_trained_on(kd, forwards):
-    train_x, _, _, _ = load_mnist(kd.root)
+    train_x, _, _, _ = load_data(kd.root)
     kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=2", "data.val_size=150", "data.transfer.exclude=[3]",
        f"hydra.run.dir={kd.cwd / 's'}")
     trained = set().union(*(rows(x) for w, training, _, x in forwards if training))
@@ -243,7 +243,7 @@ def trained_and_held_out(forwards, train_x):
 
 def test_the_validation_split_is_the_same_images_whatever_the_runs_seed(kd, forwards):
     # fit_bias re-cuts the split a checkpoint's run held out: it must not depend on the run's seed
-    train_x, _, _, _ = load_mnist(kd.root)
+    train_x, _, _, _ = load_data(kd.root)
     held = []
     for seed in (0, 1):
         forwards.clear()
@@ -259,7 +259,7 @@ def test_the_validation_split_is_the_same_images_whatever_the_runs_seed(kd, forw
 
 
 def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_it_cannot(kd, forwards):
-    train_x, _, _, _ = load_mnist(kd.root)
+    train_x, _, _, _ = load_data(kd.root)
     kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.train_limit=400", "data.val_size=100",
        f"hydra.run.dir={kd.cwd / 's'}")
     trained, held_out = trained_and_held_out(forwards, train_x)
@@ -287,7 +287,7 @@ def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_
 
 
 def test_a_fraction_of_the_transfer_set_reaches_the_run_stratified_and_fixed_by_its_own_seed(kd, forwards):
-    train_x, train_y, _, _ = load_mnist(kd.root)
+    train_x, train_y, _, _ = load_data(kd.root)
     label_of = dict(zip(rows(train_x), train_y.tolist()))
     want = [round(0.1 * int((train_y == c).sum())) for c in range(10)]  # by hand: 10% of each digit
     sets = {}
@@ -313,7 +313,7 @@ def test_configured_max_norm_reaches_the_loop(kd):
 def test_the_teachers_jitter_reaches_the_loop(kd, forwards):
     """Each training image is seen once an epoch, shifted by its own amount within +-2 px (the
     teacher's default), with shifts of 2 among them."""
-    train_x, _, _, _ = load_mnist(kd.root)
+    train_x, _, _, _ = load_data(kd.root)
     padded = torch.nn.functional.pad(train_x, (2, 2, 2, 2))
     where = {}
     for dy in range(-2, 3):
@@ -350,7 +350,7 @@ def test_specialists_improve_on_a_weak_generalist(kd):
     weak = teacher(kd, "g", "epochs=1", "lr=0.01")
     kd("train-specialists", f"generalist={weak}", "epochs=5", "lr=0.1", "clusters=3", f"hydra.run.dir={kd.cwd / 's'}")
     m = json.loads((kd.cwd / "s" / "metrics.json").read_text())
-    _, _, test_x, test_y = load_mnist(kd.root)
+    _, _, test_x, test_y = load_data(kd.root)
     assert m["generalist_test_errors"] == int((plain_logits(weak, test_x).argmax(1) != test_y).sum())
     assert m["generalist_test_errors"] > 120 and m["test_errors"] < m["generalist_test_errors"] / 2
     assert m["errors_where_active"]["combined"] < m["errors_where_active"]["generalist"]

@@ -225,12 +225,12 @@ def test_fitting_the_bias_never_reads_the_test_set(kd, tiny_root, tmp_path):
 def test_evaluate_reports_the_errors_of_the_shifted_biases(kd, tiny_root, tmp_path):
     """A given shift (the paper's way) and a fitted one: the errors kd evaluate reports, total and
     on class 3, are those of the checkpoint's plain logits with the shift added to class 3's."""
-    from kd_cli.data import load_mnist
+    from kd_cli.data import load_data
 
     kd("train-student", "model.hidden=[16]", "epochs=3", "data.val_size=200", "data.transfer.exclude=[3]",
        f"hydra.run.dir={tmp_path / 'student'}")
     ckpt = tmp_path / "student" / "checkpoint.pt"
-    _, _, test_x, test_y = load_mnist(tiny_root)
+    _, _, test_x, test_y = load_data(tiny_root)
     plain = plain_logits(ckpt, test_x)
     for name, arg in (("given", "bias_shift={3:2.5}"), ("fitted", "fit_bias=[3]")):
         kd("evaluate", f"checkpoint={ckpt}", arg, f"hydra.run.dir={tmp_path / name}")
