@@ -151,10 +151,27 @@ def _gone_or_changed(then):
                 yield f"the {key} file ({path} is gone or changed since it started)"
 
 
+def _other_device(then, cfg):
+    """A phrase if the device the run's config gives here is of another kind than the one its
+    state was saved on (its RNG states hold a CUDA generator's only from a GPU): the rest of the run
+    would draw its shuffles, jitter and dropout from another generator, and from a CPU run's state
+    a GPU could not restore one."""
+    from .prepare import device_named
+
+    if not isinstance(then.get("rng"), dict):
+        return []
+    ran_on, here = ("cuda" if "cuda" in then["rng"] else "cpu"), device_named(cfg.device).type
+    if ran_on == here:
+        return []
+    how = ("on a machine with a GPU" if ran_on == "cuda" else
+           "with the GPU hidden (CUDA_VISIBLE_DEVICES= kd ...)" if cfg.device == "auto" else "on a machine without one")
+    return [f"the device (it trained on {ran_on}, and device={cfg.device} gives {here} here: resume it {how})"]
+
+
 def check_resume(run_dir, cfg):
-    """A stopped run resumes only with the code, data and teachers it started with."""
+    """A stopped run resumes only with the code, data, teachers and kind of device it started with."""
     then = recorded(run_dir)
-    found = differences(then, cfg) + list(_gone_or_changed(then))
+    found = differences(then, cfg) + list(_gone_or_changed(then)) + _other_device(then, cfg)
     if found:
         raise KDError(f"{run_dir} cannot resume with what it started with: {'; '.join(found)}; the rest of the run "
                       "would train with them and mix two versions in one result: restore what changed (the kd "
@@ -165,7 +182,8 @@ def check_resume(run_dir, cfg):
 def check_sweep_job(folder, cfg, precision_now=None):
     """A sweep continues only while each job it ran would run with the code, data, checkpoint files
     (teachers, a generalist, the checkpoints kd evaluate counts) and settled precision it ran with."""
-    found = differences(recorded(folder), cfg, files=True, precision_now=precision_now)
+    then = recorded(folder)
+    found = differences(then, cfg, files=True, precision_now=precision_now) + _other_device(then, cfg)  # a stopped job
     if found:
         raise KDError(f"sweep job {Path(folder).name} ran with other inputs than this sweep would now: "
                       f"{'; '.join(found)}; continuing would mix two versions in one sweep: restore what "

@@ -115,6 +115,42 @@ def test_a_stopped_cuda_run_resumes_to_the_untouched_cuda_run(kd):
     assert json.loads((kd.cwd / "stopped" / "metrics.json").read_text())["device"].startswith("cuda")
 
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a GPU appearing on a machine without one")
+def test_resume_refuses_another_kind_of_device_and_leaves_the_run_as_it_was(kd, monkeypatch):
+    """device=auto settles where the run resumes: a CPU run resumed on a machine with a GPU could not
+    restore a CUDA generator it never had, and a GPU run resumed on a CPU would draw the rest of its
+    shuffles, jitter and dropout from another generator. Both are refused, saying what to do."""
+    folder = kd.cwd / "stopped"
+    proc = kd(*RUN, f"hydra.run.dir={folder}", extra_env=signal_at(signal.SIGTERM, 2, 7), check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    before = {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    with monkeypatch.context() as m:  # a GPU appears: auto would now pick it
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        proc = kd(RUN[0], f"resume={folder}", check=False)
+    assert proc.returncode == 2 and "it trained on cpu, and device=auto gives cuda here" in proc.stderr, proc.stderr
+    assert "CUDA_VISIBLE_DEVICES=" in proc.stderr and proc.stderr.count("kd: error:") == 1
+    assert {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} == before
+    state = load_checkpoint(folder / "state.pt")  # as a GPU run saves it: a CUDA generator's state too
+    state["rng"]["cuda"] = state["rng"]["cpu"].clone()
+    save_checkpoint(folder / "state.pt", {k: v for k, v in state.items() if k != "format_version"})
+    proc = kd(RUN[0], f"resume={folder}", check=False)
+    assert proc.returncode == 2 and "it trained on cuda, and device=auto gives cpu here" in proc.stderr, proc.stderr
+    assert "on a machine with a GPU" in proc.stderr
+    del state["rng"]["cuda"]  # the same state from the CPU it ran on resumes
+    save_checkpoint(folder / "state.pt", {k: v for k, v in state.items() if k != "format_version"})
+    kd(RUN[0], f"resume={folder}")
+    assert (folder / "checkpoint.pt").is_file()
+    sweep = kd.cwd / "sweep"  # a sweep's stopped job, the sweep continued where a GPU appeared
+    proc = kd(*RUN, "-m", "seed=0,4", f"hydra.sweep.dir={sweep}", extra_env=signal_at(signal.SIGINT, 1, 3),
+              check=False)
+    assert proc.returncode == 130, proc.stderr
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr("kd_cli.prepare.native_bf16", lambda device: True)  # as on this CPU: only the device differs
+        proc = kd(RUN[0], f"resume={sweep}", check=False)
+    assert proc.returncode == 2 and "sweep job 0_" in proc.stderr and "it trained on cpu" in proc.stderr, proc.stderr
+
 # 9 epochs at 1 px: the teacher's targets are cached over the 9 shifted copies (teachers.caches_shifts)
 DISTILL = ["distill", "model.hidden=[16]", "epochs=9", "batch_size=50", "T=4", "data.jitter=1"]
 
