@@ -131,7 +131,7 @@ def check_search_continuation(stage, cfg, task, compose_trial):
     local = run.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
         run.check_not_in_use(trial)
-        run.check_job_continues(trial, compose_trial, settles_here=local, again=again)
+        run.check_job_continues(trial, compose_trial, settles_here=local, again=again, runs_here=local)
 
 
 # conf/hydra/default.yaml's: the job's number first, so that no two jobs share a folder and a sweep

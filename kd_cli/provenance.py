@@ -179,11 +179,14 @@ def check_resume(run_dir, cfg):
                       "changed)")
 
 
-def check_sweep_job(folder, cfg, precision_now=None):
+def check_sweep_job(folder, cfg, precision_now=None, device_here=True):
     """A sweep continues only while each job it ran would run with the code, data, checkpoint files
-    (teachers, a generalist, the checkpoints kd evaluate counts) and settled precision it ran with."""
+    (teachers, a generalist, the checkpoints kd evaluate counts) and settled precision it ran with,
+    and a stopped job, resumed here (device_here: not by a cluster launcher, whose nodes settle
+    device=auto), on the kind of device it began on."""
     then = recorded(folder)
-    found = differences(then, cfg, files=True, precision_now=precision_now) + _other_device(then, cfg)  # a stopped job
+    found = differences(then, cfg, files=True, precision_now=precision_now) + \
+        (_other_device(then, cfg) if device_here else [])
     if found:
         raise KDError(f"sweep job {Path(folder).name} ran with other inputs than this sweep would now: "
                       f"{'; '.join(found)}; continuing would mix two versions in one sweep: restore what "

@@ -288,16 +288,18 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
         if folder is None:
             continue  # never started: it runs
         check_not_in_use(folder)
-        check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job))
+        check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job),
+                            runs_here=launches_here(launcher))
     return to_run
 
 
-def check_job_continues(folder, compose_job, settles_here, again, inputs=True, launched_as=None):
+def check_job_continues(folder, compose_job, settles_here, again, inputs=True, launched_as=None, runs_here=True):
     """A job of a sweep or search continues only as it ran: with the overrides it recorded (a
     sweep's job `launched_as` (number, overrides) must have recorded those), composing the config
     it recorded (a config file may have changed since), and, where jobs are left to run (`inputs`),
     with the code, data, checkpoint files and settled precision it ran with (provenance.py);
-    settles_here: some job will start afresh on this machine, settling precision=auto here."""
+    settles_here: some job will start afresh on this machine, settling precision=auto here;
+    runs_here: a stopped job resumes on this machine (a local launcher), on the device it gives."""
     from . import provenance
 
     overrides, config = recorded_config(folder)
@@ -315,7 +317,7 @@ def check_job_continues(folder, compose_job, settles_here, again, inputs=True, l
                       f"{key}={now!r}; {again}")
     if inputs:
         provenance.check_sweep_job(folder, composed, precision_now=_auto_precision(composed.device)
-                                   if settles_here and "precision" in composed else None)
+                                   if settles_here and "precision" in composed else None, device_here=runs_here)
 
 
 def _auto_precision(device):

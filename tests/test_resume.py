@@ -141,6 +141,13 @@ def test_resume_refuses_another_kind_of_device_and_leaves_the_run_as_it_was(kd, 
     save_checkpoint(folder / "state.pt", {k: v for k, v in state.items() if k != "format_version"})
     kd(RUN[0], f"resume={folder}")
     assert (folder / "checkpoint.pt").is_file()
+    on_cpu = kd.cwd / "on-cpu"  # device=cpu typed: it resumes on the CPU wherever a GPU is
+    proc = kd(*RUN, "device=cpu", f"hydra.run.dir={on_cpu}", extra_env=signal_at(signal.SIGTERM, 2, 7), check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        kd(RUN[0], f"resume={on_cpu}")
+    assert (on_cpu / "checkpoint.pt").is_file()
     sweep = kd.cwd / "sweep"  # a sweep's stopped job, the sweep continued where a GPU appeared
     proc = kd(*RUN, "-m", "seed=0,4", f"hydra.sweep.dir={sweep}", extra_env=signal_at(signal.SIGINT, 1, 3),
               check=False)
@@ -149,7 +156,23 @@ def test_resume_refuses_another_kind_of_device_and_leaves_the_run_as_it_was(kd, 
         m.setattr(torch.cuda, "is_available", lambda: True)
         m.setattr("kd_cli.prepare.native_bf16", lambda device: True)  # as on this CPU: only the device differs
         proc = kd(RUN[0], f"resume={sweep}", check=False)
-    assert proc.returncode == 2 and "sweep job 0_" in proc.stderr and "it trained on cpu" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "sweep job 0_" in proc.stderr and "it trained on cpu" in proc.stderr, \
+            proc.stderr
+        # a cluster launcher's nodes resume the job on their own device: not settled on this machine
+        from hydra import compose, initialize_config_module
+
+        from kd_cli import run
+        from kd_cli.config import CONFIG_MODULE
+
+        m.setenv("KD_DATA_ROOT", str(kd.root))
+        jobs = run.sweep_jobs(RUN[1:] + ["seed=0,4"])
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            def check(launcher):
+                run.check_sweep_continuation(RUN[0], sweep, jobs, lambda job: compose("train_teacher", overrides=job),
+                                             launcher=launcher)
+            check("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+            with pytest.raises(KDError, match="it trained on cpu"):
+                check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
 
 # 9 epochs at 1 px: the teacher's targets are cached over the 9 shifted copies (teachers.caches_shifts)
 DISTILL = ["distill", "model.hidden=[16]", "epochs=9", "batch_size=50", "T=4", "data.jitter=1"]
