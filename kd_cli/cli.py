@@ -203,7 +203,7 @@ def main(argv=None):
 
     import hydra
 
-    from .report import is_search_folder
+    from .jobs import is_search_folder
     from .sweep_end import finished
 
     _register_search()

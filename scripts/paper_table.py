@@ -31,7 +31,8 @@ from pathlib import Path
 from kd_cli.checkpoint import load_checkpoint, resolve_pretrained, teacher_override
 from kd_cli.cli import installed, threads_per_job
 from kd_cli.errors import KDError
-from kd_cli.report import rows_of, seed_groups
+from kd_cli.jobs import rows_of
+from kd_cli.report import seed_groups
 from kd_cli.preflight import quote_paths, sweep_in
 from kd_cli.run import recorded_config, state_of
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from kd_cli.checkpoint import newest_checkpoint, teacher_override
 from kd_cli.cli import installed
 from kd_cli.preflight import sweep_in
-from kd_cli.report import rows_of
+from kd_cli.jobs import rows_of
 from kd_cli.teachers import TEACHER_STAGE
 
 WIDTH_TS = [1, 2, 2.5, 3, 4, 5, 8, 10, 20]

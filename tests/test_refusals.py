@@ -118,7 +118,8 @@ def test_a_sweep_job_resumed_on_its_own_stays_one_of_the_sweep(kd):
     for name, line in (("overrides.yaml", f"- resume={job2}\n"), ("config.yaml", f"resume: {job2}\n")):
         record = job2 / ".hydra" / name
         record.write_text(record.read_text().replace("resume: null\n", "") + line)
-    from kd_cli.report import rows_of, seed_groups, swept_keys
+    from kd_cli.jobs import rows_of
+    from kd_cli.report import seed_groups, swept_keys
 
     rows = rows_of([sweep])
     assert rows[2]["values"]["resume"] == str(job2)

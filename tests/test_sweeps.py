@@ -189,7 +189,7 @@ def test_report_axes_come_from_what_each_job_ran_not_only_what_was_typed(kd, tea
 def test_a_job_that_failed_after_saving_a_state_is_failed_with_its_error(tmp_path):
     # a resume that failed (a full disk at the finish) leaves both state.pt and error.txt: the row
     # must say failed and why, not "stopped" with a resume hint that would fail again
-    from kd_cli.report import read_job
+    from kd_cli.jobs import read_job
 
     job = tmp_path / "0_seed=0"
     (job / ".hydra").mkdir(parents=True)
@@ -257,7 +257,8 @@ def test_seeds_group_by_what_ran_typed_numbers_or_recipes_alike_and_never_across
                  {"test_errors": 3000, **same, "precision": "fp32"})
     finished_job(tmp_path / "8_T=5", ["T=5", "seed=4"], {"T": 5, "seed": 4},
                  {"test_errors": 4000, **same, "threads": 1})
-    from kd_cli.report import rows_of, swept_keys
+    from kd_cli.jobs import rows_of
+    from kd_cli.report import swept_keys
 
     rows = rows_of([tmp_path])
     swept, _ = swept_keys(rows)
@@ -333,7 +334,8 @@ def test_a_typed_map_is_one_axis_of_the_report_not_two(tmp_path):
     for num, shift in enumerate([3.5, 2.0]):
         finished_job(tmp_path / f"{num}_bias_shift={{3:{shift}}}", [f"bias_shift={{3:{shift}}}"],
                      {"bias_shift": {3: shift}}, {"test_errors": 10 + num})
-    from kd_cli.report import rows_of, swept_keys
+    from kd_cli.jobs import rows_of
+    from kd_cli.report import swept_keys
 
     swept, _ = swept_keys(rows_of([tmp_path]))
     assert swept == ["bias_shift.3"], swept
@@ -347,7 +349,8 @@ def test_a_report_of_several_stages_compares_keys_within_a_stage(tmp_path):
                      {"test_errors": 10 + num, "stage": "distill"})
     finished_job(tmp_path / "e", ["checkpoint=d0/checkpoint.pt"], {"checkpoint": "d0/checkpoint.pt", "fit_bias": []},
                  {"test_errors": 10, "stage": "evaluate"})
-    from kd_cli.report import rows_of, swept_keys
+    from kd_cli.jobs import rows_of
+    from kd_cli.report import swept_keys
 
     swept, fixed = swept_keys(rows_of([tmp_path / "d0", tmp_path / "d1", tmp_path / "e"]))
     assert swept == ["T", "stage"], swept
@@ -434,7 +437,8 @@ def test_seeds_are_never_pooled_across_teacher_files_checkpoints_or_code(tmp_pat
     for num, sha in enumerate("ffg"):
         finished_job(tmp_path / "b" / f"{num}_seed={num}", [f"seed={num}"], {"seed": num, "checkpoint": "/s.pt"},
                      {"test_errors": 7 + (sha == "g"), **ev, "checkpoint_files": [{"path": "/s.pt", "sha256": sha * 64}]})
-    from kd_cli.report import rows_of, swept_keys
+    from kd_cli.jobs import rows_of
+    from kd_cli.report import swept_keys
 
     rows = rows_of([tmp_path / "a"])
     swept, _ = swept_keys(rows)
