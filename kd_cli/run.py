@@ -280,7 +280,8 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
     # jobs that start afresh settle precision=auto where they run (here, for a local launcher), and
     # must settle it as the others did; with nothing left to run, no job mixes with another
     to_start = any(f is None or state_of(f) not in ("finished", "stopped") for f in folders)
-    settles_here = to_start and launches_here(launcher)
+    local = launches_here(launcher)  # its stopped jobs resume here, on the device it gives
+    settles_here = to_start and local
     to_run = any(f is None or state_of(f) != "finished" for f in folders)
     again = f"continue the sweep with the command it started with (kd {stage} resume={sweep_dir}), or choose a " \
             "new hydra.sweep.dir"
@@ -289,7 +290,7 @@ def check_sweep_continuation(stage, sweep_dir, jobs, compose_job, launcher="Basi
             continue  # never started: it runs
         check_not_in_use(folder)
         check_job_continues(folder, compose_job, settles_here, again, inputs=to_run, launched_as=(num, job),
-                            runs_here=launches_here(launcher))
+                            runs_here=local)
     return to_run
 
 
