@@ -163,8 +163,9 @@ def _other_device(then, cfg):
     ran_on, here = ("cuda" if "cuda" in then["rng"] else "cpu"), device_named(cfg.device).type
     if ran_on == here:
         return []
-    how = ("on a machine with a GPU" if ran_on == "cuda" else
-           "with the GPU hidden (CUDA_VISIBLE_DEVICES= kd ...)" if cfg.device == "auto" else "on a machine without one")
+    # A run begun on a CPU meets a GPU here only under device=auto (with device=cuda it would have
+    # begun on one), so hiding the GPU is the way back.
+    how = "on a machine with a GPU" if ran_on == "cuda" else "with the GPU hidden (CUDA_VISIBLE_DEVICES= kd ...)"
     return [f"the device (it trained on {ran_on}, and device={cfg.device} gives {here} here: resume it {how})"]
 
 
