@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from . import run
+from . import continuation, run
 from .config import typed_key
 from .errors import KDError
 from .preflight import CONFIG_MODULE, check_overrides, quote_paths, sweep_in
@@ -187,7 +187,7 @@ def main(argv=None):
     try:
         if not inspect_only:
             resuming = any(o.startswith("resume=") for o in overrides)
-            overrides = run.resume_overrides(stage, overrides)  # reads resume=<dir> as typed
+            overrides = continuation.resume_overrides(stage, overrides)  # reads resume=<dir> as typed
             if not resuming:
                 overrides, pinned = _pin_newest_teacher(stage, overrides)
         # Hydra's parser wants -m before the overrides; users put it anywhere (kd distill T=1,2 -m)

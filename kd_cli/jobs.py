@@ -16,9 +16,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .config import typed_key
+from .continuation import recorded, sweep_jobs
 from .errors import KDError
-from .run import ERROR, METRICS, RECORD, STATE, in_use, recorded, sweep_jobs
-from .run import is_search
+from .run import ERROR, METRICS, RECORD, STATE, in_use, is_search
 
 
 def launched_jobs(sweep):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import config, provenance, run, unread
+from . import config, continuation, provenance, run, unread
 from .config import CONFIG_MODULE, typed_key
 from .data import check_present, fetch
 from .errors import KDError
@@ -21,7 +21,7 @@ def _first_values(overrides):
     """The overrides with each sweep (a,b,c) cut to its first value; and, per swept key, the
     override line of each of its values (of a search's range, its two ends)."""
     single, sweeps = [], {}
-    for o in run.overrides_parser().parse_overrides(overrides):
+    for o in continuation.overrides_parser().parse_overrides(overrides):
         if o.is_interval_sweep():  # a search's range: check its two ends
             values = [o.value().start, o.value().end]
         elif o.is_sweep_override():
@@ -109,14 +109,14 @@ def check_search(stage, cfg, multirun, check_value):
 def check_search_continuation(stage, cfg, task, compose_trial):
     """A search launched into a folder that holds one continues it, so it must be the same search:
     the same typed overrides, space and sampler (only hydra.sweeper.n_trials may grow), and each
-    trial it ran must continue as it ran (run.check_job_continues: its config, code, data,
+    trial it ran must continue as it ran (continuation.check_job_continues: its config, code, data,
     teachers): a changed config file would otherwise make the study mix two objectives."""
     record = Path(cfg.hydra.sweep.dir) / "multirun.yaml"
     if not record.is_file():
         return
     try:
         then = OmegaConf.load(record).hydra
-        same = {"overrides": sorted(run.recorded(then.overrides.task)) == sorted(task),
+        same = {"overrides": sorted(continuation.recorded(then.overrides.task)) == sorted(task),
                 "hydra.sweeper.params": then.sweeper.params == cfg.hydra.sweeper.params,
                 "hydra.sweeper.sampler": then.sweeper.sampler == cfg.hydra.sweeper.sampler,
                 "hydra.sweeper._target_": then.sweeper._target_ == cfg.hydra.sweeper._target_}
@@ -128,10 +128,10 @@ def check_search_continuation(stage, cfg, task, compose_trial):
                       f"with kd {stage} resume={record.parent} (hydra.sweeper.n_trials=N may be added), or choose "
                       "a new hydra.sweep.dir")
     again = f"continue the search as it ran (kd {stage} resume={record.parent}), or choose a new hydra.sweep.dir"
-    local = run.launches_here(cfg.hydra.launcher._target_)
+    local = continuation.launches_here(cfg.hydra.launcher._target_)
     for trial in sorted(p for p in record.parent.glob("[0-9]*_*") if (p / run.RECORD).is_dir()):
         run.check_not_in_use(trial)
-        run.check_job_continues(trial, compose_trial, settles_here=local, again=again, runs_here=local)
+        continuation.check_job_continues(trial, compose_trial, settles_here=local, again=again, runs_here=local)
 
 
 # conf/hydra/default.yaml's: the job's number first, so that no two jobs share a folder and a sweep
@@ -272,7 +272,7 @@ def sweep_in(overrides):
     from hydra.errors import HydraException
 
     try:
-        parsed = run.overrides_parser().parse_overrides(list(overrides))
+        parsed = continuation.overrides_parser().parse_overrides(list(overrides))
     except HydraException:
         return None
     return next((o.input_line for o in parsed if o.is_sweep_override()), None)
@@ -280,7 +280,7 @@ def sweep_in(overrides):
 
 def _needs_multirun(stage, args):
     """The refusal of a sweep typed without -m, naming its first swept key."""
-    o = next(o for o in run.overrides_parser().parse_overrides(args) if o.is_sweep_override())
+    o = next(o for o in continuation.overrides_parser().parse_overrides(args) if o.is_sweep_override())
     if o.is_interval_sweep():
         return (f"{o.input_line} is a search range: it takes a search, kd {stage} -m "
                 f"hparams_search={stage.replace('-', '_')} ... (conf/hparams_search/)")
@@ -342,7 +342,7 @@ def check_overrides(stage, config_name, overrides):
                 """The config of a job whose keys in `lines` take those values, the others their first:
                 the values set on the config of the job's config-group choices (model=teacher), which
                 is composed once for each such choice (75 ms)."""
-                parsed = run.overrides_parser().parse_overrides(list(lines))
+                parsed = continuation.overrides_parser().parse_overrides(list(lines))
                 groups = tuple(line for line, o in zip(lines, parsed) if o.key_or_group in cfg.hydra.runtime.choices)
                 if groups not in composed:
                     keys = {typed_key(g) for g in groups}
@@ -391,12 +391,12 @@ def check_overrides(stage, config_name, overrides):
                     raise KDError("a search names its trials' folders <trial>_<parameters> and continues them by "
                                   "those names: drop hydra.sweep.subdir")
                 if cfg.hydra.sweeper._target_.endswith("BasicSweeper"):
-                    jobs = run.sweep_jobs(o for o in args if not is_hydra_key(o))
+                    jobs = continuation.sweep_jobs(o for o in args if not is_hydra_key(o))
                     hydra_args = [o for o in args if is_hydra_key(o)]
                     folders = job_dirs(lambda job: compose(config_name, overrides=[*hydra_args, *job],
                                                            return_hydra_config=True),
                                        jobs, cfg.hydra.sweep.dir) if custom_subdir else None
-                    jobs_left = run.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
+                    jobs_left = continuation.check_sweep_continuation(stage, cfg.hydra.sweep.dir, jobs,
                                                              lambda job: compose(config_name, overrides=job),
                                                              launcher=str(cfg.hydra.launcher._target_),
                                                              job_folders=folders)
@@ -407,14 +407,14 @@ def check_overrides(stage, config_name, overrides):
                     # the code first: a kd that adds a key also changes the config it composes, and
                     # "a config file changed" would name the symptom, not the cause
                     provenance.check_resume(cfg.resume, resumed)
-                    run.check_resume_config(cfg.resume, OmegaConf.to_container(resumed))
+                    continuation.check_resume_config(cfg.resume, OmegaConf.to_container(resumed))
                 else:
                     run.check_new_run_folder(Path(cfg.hydra.run.dir), stage)
             # what the jobs will read, in every combination a sweep gives it: unless a finished sweep
             # reads nothing (its files may have moved since), a resumed run reads what it recorded
             # (provenance.check_resume), a cluster's nodes read their own files, or a path names
             # what only the job's launch sets (${hydra:job.num})
-            here = not multirun or run.launches_here(cfg.hydra.launcher._target_)
+            here = not multirun or continuation.launches_here(cfg.hydra.launcher._target_)
             joined = [sweeps[k] for k in joined_keys(cfg, sweeps)]
             at_launch = any(AT_LAUNCH.search(o) for o in args)
             check_jobs(stage, args, (job_with(lines) for lines in itertools.product(*joined)),

@@ -270,15 +270,15 @@ def test_a_sweep_continues_only_with_the_code_teacher_files_and_precision_its_jo
     # jobs a cluster launcher runs elsewhere settle precision there, not on the machine that launches
     from hydra import compose, initialize_config_module
 
-    from kd_cli import run
+    from kd_cli import continuation
     from kd_cli.preflight import CONFIG_MODULE
 
     monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
-    jobs = run.sweep_jobs([a for a in args[2:] if not a.startswith("hydra.")])
+    jobs = continuation.sweep_jobs([a for a in args[2:] if not a.startswith("hydra.")])
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         def check(launcher):
-            run.check_sweep_continuation("distill", sweep, jobs, lambda job: compose("distill", overrides=job),
-                                         launcher=launcher)
+            continuation.check_sweep_continuation("distill", sweep, jobs, lambda job: compose("distill", overrides=job),
+                                                  launcher=launcher)
         check("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
         with pytest.raises(KDError, match="auto settled to"):
             check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")

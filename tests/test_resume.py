@@ -161,15 +161,16 @@ def test_resume_refuses_another_kind_of_device_and_leaves_the_run_as_it_was(kd, 
         # a cluster launcher's nodes resume the job on their own device: not settled on this machine
         from hydra import compose, initialize_config_module
 
-        from kd_cli import run
+        from kd_cli import continuation
         from kd_cli.config import CONFIG_MODULE
 
         m.setenv("KD_DATA_ROOT", str(kd.root))
-        jobs = run.sweep_jobs(RUN[1:] + ["seed=0,4"])
+        jobs = continuation.sweep_jobs(RUN[1:] + ["seed=0,4"])
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             def check(launcher):
-                run.check_sweep_continuation(RUN[0], sweep, jobs, lambda job: compose("train_teacher", overrides=job),
-                                             launcher=launcher)
+                continuation.check_sweep_continuation(RUN[0], sweep, jobs,
+                                                      lambda job: compose("train_teacher", overrides=job),
+                                                      launcher=launcher)
             check("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
             with pytest.raises(KDError, match="it trained on cpu"):
                 check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
@@ -406,10 +407,10 @@ def test_a_sweep_with_a_job_another_process_is_training_is_not_continued(kd, hel
     proc = kd(RUN[0], f"resume={sweep}", check=False)
     assert proc.returncode == 2 and "is in use" in proc.stderr and files_of(sweep) == before
     # refused by the checks before Hydra starts (with a parallel launcher other jobs would start)
-    from kd_cli import run
+    from kd_cli import continuation
 
     with pytest.raises(KDError, match="is in use"):
-        run.check_sweep_continuation(RUN[0], sweep, run.sweep_jobs(["seed=0,4"]), lambda job: None)
+        continuation.check_sweep_continuation(RUN[0], sweep, continuation.sweep_jobs(["seed=0,4"]), lambda job: None)
 
 
 def test_a_run_whose_folder_was_taken_after_the_checks_writes_nothing_into_it(kd, held_by_another, monkeypatch):
