@@ -3,7 +3,7 @@ continues it. `resume=<run>` continues a run with the overrides it started with,
 relaunches the sweep's own command, and a sweep launched into a folder that exists is continued
 job by job: finished jobs kept, stopped ones resumed, changed ones refused. A run or job goes on
 only with the config it recorded and the code, data and files it ran with, so that no result
-mixes two versions (cli.py checks this before Hydra writes anything)."""
+mixes two versions (preflight checks this before Hydra writes anything)."""
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -122,7 +122,8 @@ def check_job_continues(folder, compose_job, settles_here, again, inputs=True, l
     """A job of a sweep or search continues only as it ran: with the overrides it recorded (a
     sweep's job `launched_as` (number, overrides) must have recorded those), composing the config
     it recorded (a config file may have changed since), and, where jobs are left to run (`inputs`),
-    with the code, data, checkpoint files and settled precision it ran with (provenance.py);
+    with the code, data, checkpoint files and settled precision it ran with, and a stopped job on
+    the kind of device it began on (provenance.py);
     settles_here: some job will start afresh on this machine, settling precision=auto here;
     runs_here: a stopped job resumes on this machine (a local launcher), on the device it gives."""
     from . import provenance

@@ -192,7 +192,7 @@ def check_inputs(stage, cfg, loaded=None):
                 ckpt, _ = load_model(path, "cpu", cfg.data.name, key)
                 loaded[path] = {k: v for k, v in ckpt.items() if k != "state_dict"}
             # a model that trains from this one must have learned from these files; one evaluated may
-            # be counted on another test set (its training files are not told apart in the record)
+            # be counted on any test set (kd evaluate does not hold it to its data files)
             check_same_data(loaded[path], path, cfg.data.name, key, cfg.data.root if key != "checkpoint" else None)
             if stage == "evaluate" and cfg.fit_bias:
                 fit_bias_split(cfg, loaded[path])

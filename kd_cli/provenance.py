@@ -33,14 +33,29 @@ def _stat_key(paths):
         return None
 
 
-def cached_data_sha256(root, name):
+def cached_data_sha256(root, name, training_only=False):
     """data_sha256, once per unchanged set of files (a sweep's preflight asks for each job)."""
-    key = _stat_key(raw_files(root, name))
+    key = _stat_key(raw_files(root, name)[:2] if training_only else raw_files(root, name))
     if key is None:
         return None
     if key not in _SEEN:
-        _SEEN[key] = data_sha256(root, name)
+        _SEEN[key] = data_sha256(root, name, training_only)
     return _SEEN[key]
+
+
+def trained_on_other_files(metrics, root, name):
+    """What differs, as a phrase, where a model's run (its metrics) trained on other files than
+    those under root: by its record of the training files where it has one (another test set beside
+    them changes no image it trained on), else by that of all four. None without a record, without
+    files under root, or where they match."""
+    for key, training_only, which in (("train_data_sha256", True, "training files"),
+                                      ("data_sha256", False, "files (its run recorded all four files' "
+                                                             "sha256 only, so another test set counts)")):
+        then = (metrics or {}).get(key)
+        if then is not None:
+            now = cached_data_sha256(root, name, training_only)
+            return which if now is not None and now != then else None
+    return None
 
 
 def _file_sha256(path):
@@ -77,6 +92,8 @@ def kd_revision():
 def inputs(cfg):
     """What a run records of its code and data (state.pt's and metrics.json's keys)."""
     return {"code_sha256": code_sha256(), "data_sha256": data_sha256(cfg.data.root, cfg.data.name),
+            # what a model trained on, to which a teacher and a fitted bias are held (trained_on_other_files)
+            "train_data_sha256": data_sha256(cfg.data.root, cfg.data.name, training_only=True),
             "kd_revision": kd_revision()}
 
 

@@ -141,6 +141,11 @@ def fit_bias_split(cfg, ckpt):
             raise KDError(f"this checkpoint's run held out its validation split with data.{key}={then}, and a bias "
                           f"is fitted on that split: drop data.{key}={given} (it would cut one that holds images "
                           "the model trained on)")
+    other = provenance.trained_on_other_files(ckpt.get("metrics"), cfg.data.root, cfg.data.name) if held else None
+    if other:  # the same cut of other files holds other images
+        raise KDError(f"this checkpoint's run held out its validation split from other {cfg.data.name} {other} than "
+                      f"those under data.root={cfg.data.root}, and a bias is fitted on that split: set KD_DATA_ROOT "
+                      "to the folder it trained from")
     val_size = int(cfg.data.val_size) or held
     if not val_size:
         raise KDError("fit_bias fits on a validation split, and this checkpoint was trained on the whole "
@@ -156,7 +161,7 @@ def _validation_for(cfg, ckpt, device):
     trained_val = int(trained.get("val_size") or 0)
     limit = cfg.data.train_limit if cfg.data.train_limit is not None else trained.get("train_limit")
     train_x, train_y, _, _ = load_data(cfg.data.root, cfg.data.download, device,
-                                        None if limit is None else int(limit), cfg.data.name)
+                                       None if limit is None else int(limit), cfg.data.name)
     if val_size >= train_x.shape[0]:
         raise KDError(f"data.val_size={val_size} is not smaller than the {train_x.shape[0]} training images")
     # the same cut as prepare.data_of's for training (load_data, then split_validation's fixed seed)

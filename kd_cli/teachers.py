@@ -11,7 +11,7 @@ from .data import every_shift, shift_codes
 from .errors import KDError
 from .losses import soft_targets
 from .models import build_mlp
-from .provenance import cached_data_sha256
+from .provenance import trained_on_other_files
 
 TEACHER_STAGE = "train-teacher"
 
@@ -71,7 +71,7 @@ def resolve_checkpoints(checkpoint):
         if path.is_dir() and (path / "checkpoint.pt").is_file():
             path = path / "checkpoint.pt"
         elif path.is_dir():
-            from .report import is_search_folder
+            from .jobs import is_search_folder
 
             jobs = sorted(path.glob("*/checkpoint.pt"))
             if jobs and is_search_folder(path):
@@ -104,7 +104,7 @@ def _check_whole_sweep(folder):
     whose trials are candidates to choose from, not members."""
     if not (folder / "multirun.yaml").is_file():
         return
-    from .report import rows_of
+    from .jobs import rows_of
     from .run import is_search
 
     if is_search(OmegaConf.load(folder / "multirun.yaml").hydra):
@@ -126,17 +126,16 @@ def check_same_data(ckpt, path, name, role, root=None):
     """Refuse a checkpoint trained on another data set, or (given the data root) on other files of
     this one than those under root: a teacher trained on files whose training images include these
     test images, or whose labels differ, would make every number downstream mean something else.
-    The record is one sha256 of all four files, so another test set alone counts as other files.
-    Checkpoints from before kd recorded data_sha256 (the shipped teacher too) pass on the name."""
+    Held to its record of the training files where it has one, else to that of all four (then
+    another test set alone counts as other files); checkpoints from before kd recorded either (the
+    shipped teacher too) pass on the name."""
     if trained_on(ckpt) != name:
         raise KDError(f"{role} {path} was trained on {trained_on(ckpt)}, this run uses {name}; "
                       f"pass data={trained_on(ckpt)} or another {role}")
-    then = (ckpt.get("metrics") or {}).get("data_sha256")
-    now = None if root is None or then is None else cached_data_sha256(root, name)  # None: no files there
-    if now is not None and now != then:
-        raise KDError(f"{role} {path} was trained on other {name} files than those under data.root={root} (its "
-                      f"run recorded data_sha256 {then[:12]}...): set KD_DATA_ROOT to the folder it trained from, "
-                      f"or train a {role} on these files")
+    other = None if root is None else trained_on_other_files(ckpt.get("metrics"), root, name)
+    if other:
+        raise KDError(f"{role} {path} was trained on other {name} {other} than those under data.root={root}: set "
+                      f"KD_DATA_ROOT to the folder it trained from, or train a {role} on these files")
 
 
 def load_model(path, device, data_name, role="checkpoint", data_root=None):

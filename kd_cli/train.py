@@ -74,6 +74,11 @@ def rng_state(device):
 
 
 def set_rng_state(state, device):
+    # a state from another kind of device would draw the rest of the run from another generator
+    # (preflight refuses it first, provenance._other_device; this holds for any caller)
+    if ("cuda" in state) != (device.type == "cuda"):
+        raise KDError(f"this run's state was saved on {'cuda' if 'cuda' in state else 'cpu'} and cannot continue "
+                      f"on {device.type}: resume it on the kind of device it began on")
     # torch takes RNG states only as CPU byte tensors, and a state.pt loaded onto a GPU
     # (map_location=device) holds them there: without .cpu() no CUDA run could resume
     torch.set_rng_state(state["cpu"].cpu())

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from kd_cli.checkpoint import save_checkpoint, sha256_of
+from kd_cli.checkpoint import load_checkpoint, save_checkpoint, sha256_of
 from kd_cli.errors import KDError
 
 FAST = ["epochs=2", "batch_size=50", "model.hidden=[16]"]  # the default widths: tests/test_config.py
@@ -277,20 +277,38 @@ def test_a_model_trained_on_other_files_of_the_data_set_is_refused_before_any_fo
     labels.write_bytes(bytes(raw))
     for args in (("distill", f"teacher={teacher}"), ("train-specialists", f"generalist={teacher}", "clusters=2")):
         proc = kd(*args, "epochs=1", f"data.root={other}", check=False)
-        assert proc.returncode == 2 and "was trained on other mnist files than those under" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "was trained on other mnist training files than those under" in proc.stderr, \
+            proc.stderr
         assert proc.stderr.count("kd: error:") == 1
     for roots in (f"{same},{other}", f"{other},{same}"):  # each job of a sweep, whatever the order
         proc = kd("distill", "-m", f"teacher={teacher}", "epochs=1", f"data.root={roots}", check=False)
-        assert proc.returncode == 2 and "other mnist files" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "other mnist training files" in proc.stderr, proc.stderr
     assert outputs_made(tmp_path) == []
     kd("distill", f"teacher={teacher}", "epochs=1", f"data.root={same}", f"hydra.run.dir={tmp_path / 'd'}")
     kd("evaluate", f"checkpoint={teacher}", f"data.root={other}", f"hydra.run.dir={tmp_path / 'e'}")
+    # another test set beside the same training files: the teacher trained on the same images
+    test_set = tmp_path / "test-set"
+    shutil.copytree(kd.root, test_set)
+    test_labels = test_set / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    raw = bytearray(test_labels.read_bytes())
+    raw[8] = (raw[8] + 1) % 10
+    test_labels.write_bytes(bytes(raw))
+    kd("distill", f"teacher={teacher}", "epochs=1", f"data.root={test_set}", f"hydra.run.dir={tmp_path / 'd2'}")
+    # a teacher that recorded all four files only (before kd kept the training files' record) is
+    # held to all four: a root with another test set is refused, the same files pass
+    ckpt = load_checkpoint(teacher)
+    del ckpt["metrics"]["train_data_sha256"]
+    older = tmp_path / "older.pt"
+    save_checkpoint(older, {k: v for k, v in ckpt.items() if k != "format_version"})
+    with pytest.raises(KDError, match="other mnist files .its run recorded all four"):
+        load_model(older, "cpu", "mnist", data_root=test_set)
+    load_model(older, "cpu", "mnist", data_root=same)
     # the stages check as they load, too (a path preflight did not see, such as a script's)
-    with pytest.raises(KDError, match="other mnist files"):
+    with pytest.raises(KDError, match="other mnist training files"):
         load_teacher(teacher, "cpu", 784, 10, "mnist", other)
-    with pytest.raises(KDError, match="generalist .* other mnist files"):
+    with pytest.raises(KDError, match="generalist .* other mnist training files"):
         load_teacher(teacher, "cpu", 784, 10, "mnist", other, role="generalist")
-    with pytest.raises(KDError, match="other mnist files"):
+    with pytest.raises(KDError, match="other mnist training files"):
         load_model(teacher, "cpu", "mnist", data_root=other)
     load_model(teacher, "cpu", "mnist", data_root=same)
 

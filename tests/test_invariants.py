@@ -4,15 +4,19 @@ is evaluated on. Every module forward is watched through torch's global forward 
 tests hold whatever kd's own functions are called."""
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from kd_cli import losses
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint
 from kd_cli.data import load_data
+from kd_cli.errors import KDError
 from kd_cli.models import MLP
 from kd_cli.prepare import native_bf16
+from kd_cli.stages import fit_bias_split
 
 from conftest import plain_logits, run_in_process
 
@@ -275,6 +279,20 @@ def test_fit_bias_after_a_train_limit_run_fits_on_that_runs_split_and_says_when_
         proc = kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", other, f"hydra.run.dir={kd.cwd / 'e2'}", check=False)
         assert proc.returncode == 2 and "held out its validation split with" in proc.stderr, proc.stderr
         assert not (kd.cwd / "e2").exists()
+    # the same cut of other files (here one training label changed) is not the split it held out
+    other = kd.cwd / "other"
+    shutil.copytree(kd.root, other)
+    labels = other / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    raw = bytearray(labels.read_bytes())
+    raw[8] = (raw[8] + 1) % 10  # the first image's label, after the 8-byte idx header
+    labels.write_bytes(bytes(raw))
+    proc = kd("evaluate", f"checkpoint={ckpt}", "fit_bias=[3]", f"data.root={other}", f"hydra.run.dir={kd.cwd / 'e2'}",
+              check=False)
+    assert proc.returncode == 2 and "held out its validation split from other mnist training files" in proc.stderr, proc.stderr
+    assert not (kd.cwd / "e2").exists()
+    with pytest.raises(KDError, match="from other mnist training files"):  # the stage checks as it loads, too
+        fit_bias_split(OmegaConf.create({"data": {"val_size": 0, "train_limit": None, "root": str(other),
+                                                  "name": "mnist"}}), load_checkpoint(ckpt))
     # a run that held out none: a split given here is cut from images it trained on, and it says so
     kd("train-student", f"model.hidden=[{STUDENT}]", "epochs=1", "data.train_limit=400", f"hydra.run.dir={kd.cwd / 'n'}")
     forwards.clear()

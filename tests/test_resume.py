@@ -175,6 +175,19 @@ def test_resume_refuses_another_kind_of_device_and_leaves_the_run_as_it_was(kd, 
             with pytest.raises(KDError, match="it trained on cpu"):
                 check("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
 
+def test_the_training_loop_refuses_a_state_from_another_kind_of_device():
+    """Preflight refuses such a resume first; the loop itself holds for any caller (a script, a
+    cluster launcher's node, where preflight does not settle the device)."""
+    from kd_cli.train import set_rng_state
+
+    cpu_state = {"cpu": torch.get_rng_state()}
+    with pytest.raises(KDError, match="saved on cuda and cannot continue on cpu"):
+        set_rng_state({**cpu_state, "cuda": cpu_state["cpu"]}, torch.device("cpu"))
+    with pytest.raises(KDError, match="saved on cpu and cannot continue on cuda"):
+        set_rng_state(cpu_state, torch.device("cuda"))
+    set_rng_state(cpu_state, torch.device("cpu"))
+
+
 # 9 epochs at 1 px: the teacher's targets are cached over the 9 shifted copies (teachers.caches_shifts)
 DISTILL = ["distill", "model.hidden=[16]", "epochs=9", "batch_size=50", "T=4", "data.jitter=1"]
 
