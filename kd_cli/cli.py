@@ -15,7 +15,7 @@ from .errors import KDError
 from .preflight import CONFIG_MODULE, check_overrides, quote_paths, sweep_in
 
 # stage -> (primary config name, one line for `kd --help`). A new stage: this, stages.STAGES (its
-# function), conf/<config>.yaml with hydra.job.name = the stage, and preflight.SEARCHABLE if it
+# function), conf/<config>.yaml with hydra.job.name = the stage, and search_checks.SEARCHABLE if it
 # has conf/hparams_search/<config>.yaml
 STAGES = {
     "train-teacher": ("train_teacher", "train the 784-1200-1200-10 teacher (dropout, max-norm, jitter)"),

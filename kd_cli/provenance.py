@@ -14,8 +14,9 @@ from .errors import KDError
 
 # modules that cannot change what a run computes: the command line and its checks, run folders
 # and signals, reports and plots. Every other kd_cli module counts, and so does a new one.
-NOT_COMPUTING = {"__init__.py", "cli.py", "config.py", "errors.py", "preflight.py", "run.py", "stopping.py",
-                 "checkpoint.py", "provenance.py", "continuation.py", "jobs.py", "report.py", "plots.py", "sweep_end.py", "search.py"}
+NOT_COMPUTING = {"__init__.py", "cli.py", "config.py", "errors.py", "preflight.py", "job_checks.py", "search_checks.py",
+                 "unread.py", "run.py", "stopping.py", "checkpoint.py", "provenance.py", "continuation.py", "jobs.py",
+                 "report.py", "plots.py", "sweep_end.py", "search.py"}
 _SEEN = {}  # (path, size, mtime) -> sha256: a sweep's jobs share their data and teacher files
 
 

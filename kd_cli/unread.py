@@ -2,8 +2,8 @@
 another stage owns, one added with + that the stage's config lacks, a recipe a preset or stage
 would apply only in part, a training knob typed for kd evaluate, and keys that every job's other
 settings make inert. Each would make a run, or a report of a sweep over it, look as if the key had
-counted. preflight.py calls these; a run or sweep that continues is not asked (it goes on as it
-began)."""
+counted. preflight.py and job_checks.py call these; a run or sweep that continues is not asked (it
+goes on as it began)."""
 from importlib import resources
 
 from omegaconf import OmegaConf

@@ -400,14 +400,15 @@ def test_values_that_join_two_keys_are_checked_in_every_combination_a_sweep_make
 def test_only_keys_that_decide_whether_a_job_can_run_multiply_the_jobs_preflight_builds(tiny_root, monkeypatch):
     from hydra import compose, initialize_config_module
 
-    from kd_cli.preflight import CONFIG_MODULE, _first_values, joined_keys
+    from kd_cli.config import CONFIG_MODULE
+    from kd_cli.job_checks import first_values, joined_keys
 
     monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
     args = ["seed=range(0,100)", "lr=0.01,0.1", "T=2,5", "model=student,teacher", "teacher=t/${seed}/checkpoint.pt",
             "epochs=1,2"]
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         def joined(args):
-            single, sweeps = _first_values(args)
+            single, sweeps = first_values(args)
             return sorted(joined_keys(compose("distill", overrides=single, return_hydra_config=True), sweeps))
 
         assert joined(args) == ["T", "model", "seed"]  # seed: the teacher's path names it
