@@ -357,11 +357,11 @@ def test_a_swept_key_a_path_interpolates_and_a_swept_fit_bias_are_checked_for_ev
 
 
 def test_each_checkpoint_is_loaded_once_however_many_jobs_read_it(tiny_root, monkeypatch, tmp_path):
-    from kd_cli import preflight
+    from kd_cli import job_checks, preflight
 
     loads = []
-    real = preflight.load_model
-    monkeypatch.setattr(preflight, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
+    real = job_checks.load_model
+    monkeypatch.setattr(job_checks, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
     monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
     preflight.check_overrides("distill", "distill", ["-m", "seed=0,1,2", "T=2,4", f"data.root={tiny_root},{tiny_root}/.",
                                                      "teacher=pretrained", f"hydra.sweep.dir={tmp_path / 'never'}"])
