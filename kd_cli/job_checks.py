@@ -1,7 +1,8 @@
-"""Each job a command will launch (one, or a sweep's), checked before any runs: the checks that join two keys, and
-the files it reads (data, teachers, the checkpoints kd evaluate counts). A sweep's jobs are built
-for every combination of the swept values that can differ in these (joined_keys); a sweep of seeds
-alone is one job standing for all. preflight.py composes the jobs and calls check_jobs."""
+"""Each job a command will launch (one, or a sweep's), checked before any runs: the checks that
+join two keys, and the files it reads (data, teachers, the checkpoints kd evaluate counts). A
+sweep's jobs are built for every combination of the swept values that can differ in these
+(joined_keys); a sweep of seeds alone is one job standing for all. preflight.py composes the jobs
+and calls check_jobs."""
 import contextlib
 import re
 
