@@ -7,6 +7,7 @@ import torch
 
 from kd_cli.checkpoint import load_checkpoint, save_checkpoint, sha256_of
 from kd_cli.errors import KDError
+from kd_cli.models import build_mlp
 
 FAST = ["epochs=2", "batch_size=50", "model.hidden=[16]"]  # the default widths: tests/test_config.py
 METRIC_KEYS = {"stage", "test_errors", "test_total", "test_error_rate", "per_class_errors", "epochs",
@@ -104,7 +105,15 @@ def bad_teachers(tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     text = tmp_path / "config.yaml"  # a file torch's reader fails on with an IndexError
     text.write_bytes(b"epochs: 3\n")
-    return {"garbage": garbage, "truncated": truncated, "foreign": foreign, "text": text}
+    usable = tmp_path / "usable.pt"
+    tiny_teacher(usable)
+    return {"garbage": garbage, "truncated": truncated, "foreign": foreign, "text": text, "usable": usable}
+
+
+def tiny_teacher(path):
+    """A usable teacher checkpoint that records no data files (pretrained may record other ones than a test's)."""
+    arch = {"in_features": 784, "hidden": [4], "out_features": 10}
+    save_checkpoint(path, {"stage": "train-teacher", "arch": arch, "state_dict": build_mlp(arch).state_dict()})
 
 
 @pytest.mark.parametrize("args, says", [
@@ -135,7 +144,7 @@ def bad_teachers(tmp_path):
     (["evaluate", "checkpoint=[pretrained,pretrained]", "bias_shift={{3:3.5}}"], "take one checkpoint, not an ensemble"),
     (["train-specialists", "generalist=/no/such/file.pt"], "generalist checkpoint not found"),
     (["train-specialists", "generalist={garbage}"], "is not a kd checkpoint"),
-    (["distill", "-m", "teacher=pretrained,/no/such/file.pt"], "teacher checkpoint not found"),
+    (["distill", "-m", "teacher={usable},/no/such/file.pt"], "teacher checkpoint not found"),
     (["evaluate", "checkpoint=pretrained", "data.val_size=10000"], "reads data.val_size only with fit_bias"),
     (["evaluate", "checkpoint=pretrained", "fit_bias=[3]"], "fit_bias fits on a validation split"),
     (["evaluate", "checkpoint=pretrained", "data.jitter=2"], "kd evaluate does not read data.jitter"),
@@ -359,12 +368,14 @@ def test_a_swept_key_a_path_interpolates_and_a_swept_fit_bias_are_checked_for_ev
 def test_each_checkpoint_is_loaded_once_however_many_jobs_read_it(tiny_root, monkeypatch, tmp_path):
     from kd_cli import job_checks, preflight
 
+    teacher = tmp_path / "teacher.pt"
+    tiny_teacher(teacher)
     loads = []
     real = job_checks.load_model
     monkeypatch.setattr(job_checks, "load_model", lambda path, *a: loads.append(path) or real(path, *a))
     monkeypatch.setenv("KD_DATA_ROOT", str(tiny_root))
     preflight.check_overrides("distill", "distill", ["-m", "seed=0,1,2", "T=2,4", f"data.root={tiny_root},{tiny_root}/.",
-                                                     "teacher=pretrained", f"hydra.sweep.dir={tmp_path / 'never'}"])
+                                                     f"teacher={teacher}", f"hydra.sweep.dir={tmp_path / 'never'}"])
     assert len(loads) == 1
 
 
