@@ -127,8 +127,8 @@ def check_same_data(ckpt, path, name, role, root=None):
     this one than those under root: a teacher trained on files whose training images include these
     test images, or whose labels differ, would make every number downstream mean something else.
     Held to its record of the training files where it has one, else to that of all four (then
-    another test set alone counts as other files); checkpoints from before kd recorded either (the
-    shipped teacher too) pass on the name."""
+    another test set alone counts as other files); checkpoints from before kd recorded either pass
+    on the name (the shipped teacher has both records since 2026-12-06)."""
     if trained_on(ckpt) != name:
         raise KDError(f"{role} {path} was trained on {trained_on(ckpt)}, this run uses {name}; "
                       f"pass data={trained_on(ckpt)} or another {role}")
