@@ -75,14 +75,14 @@ def fetch(root, name="mnist"):
                       f"set KD_DATA_ROOT (or data.root=) to a folder that holds {folder}/raw") from None
 
 
-def data_sha256(root, name="mnist", training_only=False):
+def data_sha256(root, name="mnist", training_only=False, file_sha256=sha256_of):
     """One sha256 of the data set's four files (of their sha256s, in turn), or of its two training
     files only, or None while any is missing (the run downloads them, or says where they belong):
-    what a run records it trained on."""
+    what a run records it trained on. file_sha256 hashes one file (provenance's remembers each)."""
     files = raw_files(root, name)[:2] if training_only else raw_files(root, name)
     if not all(f.is_file() for f in files):
         return None
-    return hashlib.sha256("".join(sha256_of(f) for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 def load_data(root, download=False, device="cpu", train_limit=None, name="mnist"):

@@ -35,13 +35,9 @@ def _stat_key(paths):
 
 
 def cached_data_sha256(root, name, training_only=False):
-    """data_sha256, once per unchanged set of files (a sweep's preflight asks for each job)."""
-    key = _stat_key(raw_files(root, name)[:2] if training_only else raw_files(root, name))
-    if key is None:
-        return None
-    if key not in _SEEN:
-        _SEEN[key] = data_sha256(root, name, training_only)
-    return _SEEN[key]
+    """data_sha256, each unchanged file hashed once (a sweep's preflight asks for each job, and a
+    run's two records share the training files)."""
+    return data_sha256(root, name, training_only, file_sha256=_file_sha256)
 
 
 def trained_on_other_files(metrics, root, name):
@@ -92,9 +88,9 @@ def kd_revision():
 
 def inputs(cfg):
     """What a run records of its code and data (state.pt's and metrics.json's keys)."""
-    return {"code_sha256": code_sha256(), "data_sha256": data_sha256(cfg.data.root, cfg.data.name),
+    return {"code_sha256": code_sha256(), "data_sha256": cached_data_sha256(cfg.data.root, cfg.data.name),
             # what a model trained on, to which a teacher and a fitted bias are held (trained_on_other_files)
-            "train_data_sha256": data_sha256(cfg.data.root, cfg.data.name, training_only=True),
+            "train_data_sha256": cached_data_sha256(cfg.data.root, cfg.data.name, training_only=True),
             "kd_revision": kd_revision()}
 
 

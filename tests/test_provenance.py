@@ -53,3 +53,31 @@ def test_an_installed_copy_records_no_revision_even_inside_another_repository(tm
     git(project, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
     monkeypatch.setattr(provenance, "__file__", str(pkg / "provenance.py"))
     assert provenance.kd_revision() is None  # not the project's commit
+
+
+def test_a_runs_data_records_read_each_file_once_and_are_the_sha256_of_the_files_sha256s(tmp_path, monkeypatch):
+    """A run records the sha256 of all four files and of the two training files (data.data_sha256):
+    each is the sha256 of the files' own hex digests, in torchvision's order, computed here by hand;
+    the training files, in both records, are read once per run start, not once per record."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from conftest import write_root
+
+    root = write_root(tmp_path / "data")
+    raw = root / "MNIST" / "raw"
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in raw.iterdir()}
+    order = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    read = []
+    plain = provenance.sha256_of
+    monkeypatch.setattr(provenance, "sha256_of", lambda path: read.append(Path(path).name) or plain(path))
+    cfg = OmegaConf.create({"data": {"root": str(root), "name": "mnist"}})
+    record = provenance.inputs(cfg)
+    assert record["data_sha256"] == hashlib.sha256("".join(digest[f] for f in order).encode()).hexdigest()
+    assert record["train_data_sha256"] == hashlib.sha256("".join(digest[f] for f in order[:2]).encode()).hexdigest()
+    assert sorted(read) == sorted(order)
+    (raw / order[0]).write_bytes((raw / order[0]).read_bytes() + b"\0")  # one image file changed: read again
+    read.clear()
+    changed = provenance.inputs(cfg)
+    assert read == [order[0]] and changed["data_sha256"] != record["data_sha256"]
