@@ -66,7 +66,7 @@ def same_call(folder, call):
 
 def best_on_validation(metrics):
     """Test errors at the epoch with the fewest validation errors (early stopping chosen on
-    held-out training images, as one would without a test set)."""
+    held-out training images, as one would without a test set); of tied epochs, the latest."""
     counted = [r for r in metrics["history"] if "val_errors" in r]  # the epochs evaluated (eval_every)
     row = min(counted, key=lambda r: (r["val_errors"], -r["epoch"]))
     return row["test_errors"], row["epoch"]

@@ -58,6 +58,31 @@ def test_mix_weights_and_alpha_zero_never_reads_labels():
     torch.testing.assert_close(distillation_loss(z, None, soft_targets(v, T), T, 0.0), soft)
 
 
+
+def _default_alpha():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import kd_cli.conf
+    return float(OmegaConf.load(Path(next(iter(kd_cli.conf.__path__))) / "distill.yaml").alpha)
+
+
+@pytest.mark.parametrize("alpha", [_default_alpha(), 0.01, 0.5, 0.99])
+@pytest.mark.parametrize("T", [1.0, 5.0, 20.0])
+def test_the_loss_at_kds_default_alpha_and_small_ones_is_the_papers_sum_written_out(alpha, T):
+    """alpha * CE(softmax(z), y) + (1 - alpha) * T^2 * KL(p || softmax(z/T)), every term by hand
+    from softmax and log in float64: a term dropped or reweighed at small alpha (kd's default is
+    0.1, which the mixing test above does not use) shows as a different value."""
+    torch.manual_seed(5)
+    z, v, y = (torch.randn(8, 10, dtype=torch.float64) * 2, torch.randn(8, 10, dtype=torch.float64) * 2,
+               torch.randint(0, 10, (8,)))
+    ce = -torch.log(torch.softmax(z, 1)[torch.arange(8), y]).mean()
+    p, q = torch.softmax(v / T, 1), torch.softmax(z / T, 1)
+    kl = (p * (torch.log(p) - torch.log(q))).sum(1).mean()
+    torch.testing.assert_close(distillation_loss(z, y, soft_targets(v, T), T, alpha), alpha * ce + (1 - alpha) * T * T * kl)
+
+
 def test_soft_loss_is_kl_batchmean_not_mean_over_classes():
     torch.manual_seed(5)
     z, v, T = torch.randn(8, 10), torch.randn(8, 10), 2.0

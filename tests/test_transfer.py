@@ -167,6 +167,16 @@ def test_fit_finds_a_known_shift():
     assert errors == 0 and abs(shift + 3) < 0.3
 
 
+def test_the_fit_resolves_a_range_of_good_shifts_narrower_than_a_tenth():
+    """A 3 that needs the shift above 5.01 and a 0 that needs it below 5.09: only shifts in
+    (5.01, 5.09) make no errors. The grid's step (0.05) finds 5.05; a coarser grid finds none."""
+    logits = torch.full((2, 10), -100.0)
+    logits[0, 0], logits[0, 3] = 0.0, -5.01  # label 3: right once the shift passes 5.01
+    logits[1, 0], logits[1, 3] = 0.0, -5.09  # label 0: right while the shift stays under 5.09
+    shift, errors = fit_bias_shift(logits, torch.tensor([3, 0]), [3])
+    assert errors == 0 and abs(shift - 5.05) < 1e-4  # float32 grid: 5.050001
+
+
 def test_the_fitted_correction_raises_the_bias_it_fits_and_counts_on_validation():
     """bias_correction(fit_classes=[3]) with validation logits whose class 3 sits 5 too low: the
     shift is about +5, the test logits come back with exactly that added to column 3, and the
@@ -262,9 +272,9 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
     script = load_script("transfer_experiments")
     calls = []
 
-    def bias(before, after, on):
-        return {"bias": {"before": {"test_errors": before, "on_shifted_classes": {"errors": on[0], "images": 1010}},
-                         "after": {"test_errors": after, "on_shifted_classes": {"errors": on[1], "images": 1010}},
+    def bias(before, after, on):  # 505 test 3s: the run's count, not the paper's 1,010
+        return {"bias": {"before": {"test_errors": before, "on_shifted_classes": {"errors": on[0], "images": 505}},
+                         "after": {"test_errors": after, "on_shifted_classes": {"errors": on[1], "images": 505}},
                          "shift": {"3": 2.25, "7": -5.0}, "val_errors_before": 9, "val_errors_after": 8,
                          "val_size": 100}}
 
@@ -273,7 +283,7 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
         if stage == "evaluate":  # a test set of 5,000 images (data.test_limit): percentages are of it
             shifted = bias(400, 180, (300, 30)) if Path(run_dir).name == "paper-shift" else bias(400, 150, (300, 20))
             return {**shifted, "test_total": 5000}
-        history = [{"epoch": 1, "val_errors": 50, "test_errors": 70}, {"epoch": 2, "val_errors": 40, "test_errors": 90},
+        history = [{"epoch": 1, "val_errors": 40, "test_errors": 70}, {"epoch": 2, "val_errors": 40, "test_errors": 90},
                    {"epoch": 3, "val_errors": 45, "test_errors": 60}, {"epoch": 4, "loss": 0.1}]  # not counted (eval_every)
         return {"transfer": {"size": 50, "classes": [0, 1]}, "T": 20.0, "alpha": 0.1, "wall_seconds": 1.0,
                 "epochs": 3, "test_errors": 60, "history": history}
@@ -281,16 +291,47 @@ def test_the_transfer_scripts_tables_show_the_papers_shifts_and_the_runs_numbers
 
     omit3 = "\n".join(script.omit3(tmp_path, [], []))
     assert [c[2][1] for c in calls if c[1] == "paper-shift"] == ["bias_shift={3:3.5}"]
-    assert "| test errors | 206 (133 of 1010 3s) | 400 (300 of 1010 3s) |" in omit3
-    assert "+3.5 (the paper's value) | 109 (14 of 1010 3s) | 180 (30 of 1010 3s) |" in omit3
-    assert "+2.25, fitted on the validation split | - | 150 (20 of 1010 3s) |" in omit3
+    assert [c[2][1] for c in calls if c[1] == "fitted-shift"] == ["fit_bias=[3]"]
+    assert "| test errors | 206 (133 of 1010 3s) | 400 (300 of 505 3s) |" in omit3
+    assert "+3.5 (the paper's value) | 109 (14 of 1010 3s) | 180 (30 of 505 3s) |" in omit3
+    assert "+2.25, fitted on the validation split | - | 150 (20 of 505 3s) |" in omit3
     calls.clear()
     only78 = "\n".join(script.only78(tmp_path, [], []))
     assert [c[2][1] for c in calls if c[1] == "paper-shift"] == ["bias_shift={7:-7.6,8:-7.6}"]
+    assert [c[2][1] for c in calls if c[1] == "fitted-shift"] == ["fit_bias=[7,8]"]
     assert "-7.6 (the paper's value) | 13.2% | 3.6% (180 errors) |" in only78
+    calls.clear()
     little = script.little_data(tmp_path, [], [])
+    # the three runs the table's rows name: soft targets alone (no labels read), and hard labels on
+    # the same 3% and on every training image
+    runs = {name: (stage, set(overrides)) for stage, name, overrides in calls}
+    assert runs["soft-3pct"][0] == "distill" and {"experiment=little_data", "alpha=0"} <= runs["soft-3pct"][1]
+    assert runs["hard-3pct"][0] == "train-student" and "experiment=little_data" in runs["hard-3pct"][1]
+    assert runs["hard-100pct"][0] == "train-student" and not any("little_data" in o for o in runs["hard-100pct"][1])
+    # epochs 1 and 2 tie on validation: the later one is reported (it trained longer)
     assert all(line.endswith("| 60 | 90 (epoch 2) |") for line in little if line.startswith("| hard") or
                line.startswith("| soft"))
+
+
+def test_the_width_table_puts_each_runs_errors_in_its_width_and_T_cell_and_bolds_each_widths_fewest(tmp_path, monkeypatch):
+    """scripts/transfer_experiments.py width_vs_T with the sweeps' rows canned: every (width, T)
+    run lands in its own cell, a run not done shows as '-', and the bold is each row's minimum."""
+    script = load_script("transfer_experiments")
+    monkeypatch.setattr(script, "run", lambda *a: None)
+    errors = {(w, t): 1000 + 10 * i + j for i, w in enumerate(script.WIDTHS) for j, t in enumerate(script.WIDTH_TS)}
+    errors[(script.WIDTHS[0], script.WIDTH_TS[3])] = 7  # the fewest of the first width, mid-row
+    del errors[(script.WIDTHS[1], script.WIDTH_TS[0])]  # a job not done
+    rows = {"sweep": [{"values": {"model.hidden": f"[{w},{w}]", "T": f"{t:g}"}, "test_errors": e}
+                      for (w, t), e in errors.items()],
+            "hard": [{"values": {"model.hidden": f"[{w},{w}]"}, "test_errors": 500 + w} for w in script.WIDTHS]}
+    monkeypatch.setattr(script, "done_rows", lambda folder: rows[Path(folder).name])
+    lines = script.width_vs_T(tmp_path, [], [])
+    for i, w in enumerate(script.WIDTHS):
+        cells = [errors.get((w, t), "-") for t in script.WIDTH_TS]
+        fewest = min(c for c in cells if c != "-")
+        want = f"| {w} | {500 + w} | " + " | ".join(f"**{c}**" if c == fewest else str(c) for c in cells) + " |"
+        assert want in lines
+    assert f"| {script.WIDTHS[0]} | {500 + script.WIDTHS[0]} | 1000 | 1001 | 1002 | **7** |" in "\n".join(lines)
 
 
 # one shift fitted for several classes (the paper's 7s and 8s) goes on each of them
