@@ -26,16 +26,17 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(x), m(x))
 
 
-def test_input_dropout_reaches_the_first_layer():
-    """In training the first layer sees the inputs with about 20% (here 50%) zeroed and the rest
-    scaled by 1 / (1 - p): the teacher's 20% input dropout, not only its hidden dropout."""
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_input_dropout_reaches_the_first_layer(p):
+    """In training the first layer sees the inputs with a share p zeroed (the teacher's 20%) and
+    the rest scaled by about 1 / (1 - p): input dropout, not only hidden dropout."""
     torch.manual_seed(0)
-    m, seen = MLP(hidden=[8], dropout_input=0.5, dropout_hidden=0.0).train(), []
+    m, seen = MLP(hidden=[8], dropout_input=p, dropout_hidden=0.0).train(), []
     m.hidden[0].register_forward_pre_hook(lambda layer, args: seen.append(args[0]))
-    m(torch.ones(50, 784))
+    m(torch.ones(200, 784))
     kept = seen[0] != 0
-    assert 0.45 < kept.float().mean() < 0.55
-    assert torch.all(seen[0][kept] == 2.0)
+    assert abs((1 - kept.float().mean().item()) - p) < 1 / 256 + 0.01  # p itself, to the byte masks' 1/256
+    assert torch.allclose(seen[0][kept], torch.tensor(1 / (1 - p)), rtol=0.01)
 
 
 def test_max_norm_holds_after_a_large_step():
@@ -54,6 +55,22 @@ def test_max_norm_holds_after_a_large_step():
     assert torch.equal(m.out.weight, out_before)  # the output layer is not constrained
 
 
+def test_max_norm_scales_only_the_units_over_the_limit_onto_it():
+    """Rows written by hand: a unit of norm 5 comes back as itself times 1.5 / 5; a unit of norm
+    0.5 and a dead unit stay bit for bit (a cap, not a projection onto the sphere), biases too."""
+    m = MLP(hidden=[3])
+    with torch.no_grad():
+        m.hidden[0].weight.zero_()
+        m.hidden[0].weight[0, :2] = torch.tensor([3.0, 4.0])
+        m.hidden[0].weight[1, :2] = torch.tensor([0.3, 0.4])
+    rows, bias = m.hidden[0].weight.clone(), m.hidden[0].bias.clone()
+    apply_max_norm_(m, 1.5)
+    w = m.hidden[0].weight
+    torch.testing.assert_close(w[0, :2], torch.tensor([0.9, 1.2]))
+    assert torch.equal(w[0, 2:], rows[0, 2:]) and torch.equal(w[1:], rows[1:])
+    assert torch.equal(m.hidden[0].bias, bias)
+
+
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                         reason="needs a CUDA GPU")])
 
@@ -69,6 +86,9 @@ def test_dropout_rate_scale_and_gradient(p, device):
     # byte value more or less (1/256 = 0.0039) at about 15 standard errors from it
     kept_share = drop.kept / 256 if device == "cpu" else 1 - p
     assert abs((y != 0).float().mean().item() - kept_share) < 0.001
+    assert abs((y == 0).float().mean().item() - p) < 1 / 256 + 0.001  # the rate asked for, to a byte's 1/256
+    assert Dropout(0.2).kept == 205 and Dropout(0.5).kept == 128  # 256 * 0.8 = 204.8 and 256 * 0.5, rounded
+    assert not torch.equal(y[0] != 0, y[1] != 0)  # each row draws its own mask
     kept = y[y != 0]
     # inverted-dropout scale: 256/kept for kd's byte masks, torch's exact 1 / (1 - p) on CUDA
     scale = 256 / drop.kept if device == "cpu" else 1 / (1 - p)
