@@ -140,7 +140,9 @@ def width_vs_T(out, extra, teacher):
     run(cmd, sweep)
     run(["kd", "train-student", "-m", f"model.hidden={widths}", *extra, f"hydra.sweep.dir={out / 'hard'}"], out / "hard")
     # kd report's rows (what each job ran: its width and T from its own config)
-    table = {(hidden_of(r), float(r["values"]["T"])): r["test_errors"] for r in done_rows(sweep)}
+    done = done_rows(sweep)
+    table = {(hidden_of(r), float(r["values"]["T"])): r["test_errors"] for r in done}
+    alphas = ", ".join(sorted({f'{float(r["values"]["alpha"]):g}' for r in done})) or "-"  # as run (--extra may set it)
     hard = {hidden_of(r): r["test_errors"] for r in done_rows(out / "hard")}
     lines = ["| units per layer | hard labels | " + " | ".join(f"T={t:g}" for t in WIDTH_TS) + " |",
              "| --- | --- | " + " | ".join("---" for _ in WIDTH_TS) + " |"]
@@ -149,7 +151,7 @@ def width_vs_T(out, extra, teacher):
         best = min((v for v in row if v != "-"), default=None)
         cells = [f"**{v}**" if v == best else str(v) for v in row]
         lines.append(f"| {w} | {hard.get(w, '-')} | " + " | ".join(cells) + " |")
-    return lines + ["", "Test errors of 784-w-w-10 students distilled with alpha=0.1 (bold: fewest per width). "
+    return lines + ["", f"Test errors of 784-w-w-10 students distilled with alpha={alphas} (bold: fewest per width). "
                         "Paper: >= 300 units, all T above 8 similar; 30 units, T in 2.5-4 best."]
 
 

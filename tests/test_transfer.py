@@ -321,7 +321,7 @@ def test_the_width_table_puts_each_runs_errors_in_its_width_and_T_cell_and_bolds
     errors = {(w, t): 1000 + 10 * i + j for i, w in enumerate(script.WIDTHS) for j, t in enumerate(script.WIDTH_TS)}
     errors[(script.WIDTHS[0], script.WIDTH_TS[3])] = 7  # the fewest of the first width, mid-row
     del errors[(script.WIDTHS[1], script.WIDTH_TS[0])]  # a job not done
-    rows = {"sweep": [{"values": {"model.hidden": f"[{w},{w}]", "T": f"{t:g}"}, "test_errors": e}
+    rows = {"sweep": [{"values": {"model.hidden": f"[{w},{w}]", "T": f"{t:g}", "alpha": 0.3}, "test_errors": e}
                       for (w, t), e in errors.items()],
             "hard": [{"values": {"model.hidden": f"[{w},{w}]"}, "test_errors": 500 + w} for w in script.WIDTHS]}
     monkeypatch.setattr(script, "done_rows", lambda folder: rows[Path(folder).name])
@@ -332,6 +332,7 @@ def test_the_width_table_puts_each_runs_errors_in_its_width_and_T_cell_and_bolds
         want = f"| {w} | {500 + w} | " + " | ".join(f"**{c}**" if c == fewest else str(c) for c in cells) + " |"
         assert want in lines
     assert f"| {script.WIDTHS[0]} | {500 + script.WIDTHS[0]} | 1000 | 1001 | 1002 | **7** |" in "\n".join(lines)
+    assert "distilled with alpha=0.3 " in lines[-1]  # the runs' own alpha (an --extra may set it), not 0.1
 
 
 # one shift fitted for several classes (the paper's 7s and 8s) goes on each of them
