@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import load_checkpoint, sha256_of
-from .data import data_sha256, raw_files
+from .data import data_sha256
 from .errors import KDError
 
 # modules that cannot change what a run computes: the command line and its checks, run folders

@@ -20,6 +20,15 @@ TINY = ["model.hidden=[16]"]  # a width that learns the synthetic digits in a fe
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
+def composed(stage, *overrides):
+    """A stage's config as `kd <stage> overrides...` composes it from the installed package."""
+    from hydra import compose, initialize_config_module
+
+    from kd_cli.cli import STAGES
+    with initialize_config_module("kd_cli.conf", version_base="1.3"):
+        return compose(STAGES[stage][0], overrides=list(overrides), return_hydra_config=True)
+
+
 def load_script(name):
     """scripts/<name>.py as a module (the scripts are not a package)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")

@@ -2,18 +2,12 @@
 import json
 
 import pytest
-from hydra import compose, initialize_config_module
-
+from conftest import composed
 from kd_cli.cli import STAGES
 from kd_cli.config import check as validate
 from kd_cli.errors import KDError
 from kd_cli.prepare import recipe_of
 from kd_cli.train import Recipe
-
-
-def composed(stage, *overrides):
-    with initialize_config_module("kd_cli.conf", version_base="1.3"):
-        return compose(STAGES[stage][0], overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

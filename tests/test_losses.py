@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import composed
 from kd_cli.losses import distillation_loss, logit_matching_loss, soft_loss, soft_targets
 
 
@@ -58,22 +59,12 @@ def test_mix_weights_and_alpha_zero_never_reads_labels():
     torch.testing.assert_close(distillation_loss(z, None, soft_targets(v, T), T, 0.0), soft)
 
 
-
-def _default_alpha():
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    import kd_cli.conf
-    return float(OmegaConf.load(Path(next(iter(kd_cli.conf.__path__))) / "distill.yaml").alpha)
-
-
-@pytest.mark.parametrize("alpha", [_default_alpha(), 0.01, 0.5, 0.99])
+@pytest.mark.parametrize("alpha", [float(composed("distill").alpha), 0.01, 0.5, 0.99])
 @pytest.mark.parametrize("T", [1.0, 5.0, 20.0])
 def test_the_loss_at_kds_default_alpha_and_small_ones_is_the_papers_sum_written_out(alpha, T):
     """alpha * CE(softmax(z), y) + (1 - alpha) * T^2 * KL(p || softmax(z/T)), every term by hand
     from softmax and log in float64: a term dropped or reweighed at small alpha (kd's default is
-    0.1, which the mixing test above does not use) shows as a different value."""
+    0.1 as `kd distill` composes it, which the mixing test above does not use) shows as a different value."""
     torch.manual_seed(5)
     z, v, y = (torch.randn(8, 10, dtype=torch.float64) * 2, torch.randn(8, 10, dtype=torch.float64) * 2,
                torch.randint(0, 10, (8,)))
